@@ -1,0 +1,146 @@
+"""Plain data the multi-adapter LoRA kernel needs: where each adapter's rank rows live in the
+packed buffers (``LoRALayout``), and which tokens belong to which adapter (``Routing``).
+
+Both are built once (the layout when adapters change, the routing once per batch) and keep
+their device copies cached, so the per-layer launch does no host->device traffic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(eq=False)
+class LoRALayout:
+    """Adapters packed along the rank axis: adapter ``a`` owns rows ``offsets[a] : offsets[a] + ranks[a]``
+    of ``A_all [sum R, K]`` and the same columns of ``B_all [N, sum R]``. Rank 0 = adapter not
+    applied to this module. ``scales[a]`` multiplies adapter a's update (alpha/r or alpha/sqrt(r)).
+    """
+
+    ranks: tuple[int, ...]
+    scales: tuple[float, ...]
+    offsets: tuple[int, ...] = field(init=False)
+    _dev: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        self.ranks = tuple(int(r) for r in self.ranks)
+        self.scales = tuple(float(s) for s in self.scales)
+        if len(self.ranks) != len(self.scales):
+            raise ValueError(f"LoRALayout: {len(self.ranks)} ranks but {len(self.scales)} scales; "
+                             "give one scale per adapter")
+        if any(r < 0 for r in self.ranks):
+            raise ValueError(f"LoRALayout: ranks must be >= 0 (0 = adapter not on this module), got {self.ranks}")
+        offs, o = [], 0
+        for r in self.ranks:
+            offs.append(o)
+            o += r
+        self.offsets = tuple(offs)
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def total_rank(self) -> int:
+        return sum(self.ranks)
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.ranks, default=0)
+
+    def device_tensors(self, device):
+        """(ranks int32 [A], offsets int32 [A], scales fp32 [A]) on ``device``, cached."""
+        key = str(device)
+        if key not in self._dev:
+            self._dev[key] = (
+                torch.tensor(self.ranks, dtype=torch.int32, device=device),
+                torch.tensor(self.offsets, dtype=torch.int32, device=device),
+                torch.tensor(self.scales, dtype=torch.float32, device=device),
+            )
+        return self._dev[key]
+
+
+@dataclass(eq=False)
+class Routing:
+    """Tokens grouped by adapter. ``token_idx[seg_start[s]:seg_start[s+1]]`` are the rows (of the
+    flattened [T, K] input) of adapter ``seg_adapter[s]``; each present adapter has exactly one
+    segment (a stable sort keeps the rows in order). Rows of adapter -1 (base only) are in no
+    segment. Build it with ``lora_engine.routing.build_routing``.
+    """
+
+    num_tokens: int
+    token_idx: torch.Tensor          # int64 [T_routed], on the compute device
+    seg_start: tuple[int, ...]       # host, len S+1
+    seg_adapter: tuple[int, ...]     # host, len S
+    _dev: dict = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.seg_adapter)
+
+    @property
+    def num_routed(self) -> int:
+        return self.seg_start[-1] if self.seg_start else 0
+
+    def segment_tensors(self):
+        """(seg_start int32 [S+1], seg_adapter int32 [S]) on the routing's device, cached."""
+        if "seg" not in self._dev:
+            dev = self.token_idx.device
+            self._dev["seg"] = (torch.tensor(self.seg_start, dtype=torch.int32, device=dev),
+                                torch.tensor(self.seg_adapter, dtype=torch.int32, device=dev))
+        return self._dev["seg"]
+
+    def token_tiles(self, block_t: int):
+        """(tile_seg int32 [n], tile_start int32 [n]): every BLOCK_T-row tile of every segment,
+        so a launch has exactly as many programs as tiles, whatever the segment sizes."""
+        key = ("tiles", block_t)
+        if key not in self._dev:
+            seg, start = [], []
+            for s in range(self.num_segments):
+                for t0 in range(self.seg_start[s], self.seg_start[s + 1], block_t):
+                    seg.append(s)
+                    start.append(t0)
+            dev = self.token_idx.device
+            self._dev[key] = (torch.tensor(seg, dtype=torch.int32, device=dev),
+                              torch.tensor(start, dtype=torch.int32, device=dev))
+        return self._dev[key]
+
+    def segments(self):
+        """Yield (adapter, rows) per segment: host-side iteration for the reference path."""
+        for s, a in enumerate(self.seg_adapter):
+            yield a, self.token_idx[self.seg_start[s]:self.seg_start[s + 1]]
+
+
+def check_lora_inputs(x, weight, bias, lora_a, lora_b, layout, routing):
+    """Shape/dtype checks shared by both paths; raises ValueError with the fix."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [T, K]; got shape {tuple(x.shape)}: flatten leading dims first")
+    T, K = x.shape
+    if weight.dim() != 2 or weight.shape[1] != K:
+        raise ValueError(f"weight must be [N, K={K}]; got {tuple(weight.shape)}: pass the nn.Linear weight "
+                         "whose in_features match x")
+    N = weight.shape[0]
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias must be [N={N}]; got {tuple(bias.shape)}")
+    R = layout.total_rank
+    if lora_a.shape != (R, K):
+        raise ValueError(f"lora_a must be [sum R={R}, K={K}]; got {tuple(lora_a.shape)}: pack A_a rows in "
+                         "layout order")
+    if lora_b.shape != (N, R):
+        raise ValueError(f"lora_b must be [N={N}, sum R={R}]; got {tuple(lora_b.shape)}: pack B_a columns in "
+                         "layout order")
+    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name} dtype {t.dtype} != x dtype {x.dtype}: cast it with .to(x.dtype)")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: move it to x's device")
+    if routing.num_tokens != T:
+        raise ValueError(f"routing covers {routing.num_tokens} tokens but x has T={T}: rebuild the routing "
+                         "for this batch")
+    if routing.seg_adapter and max(routing.seg_adapter) >= layout.num_adapters:
+        raise ValueError(f"routing uses adapter {max(routing.seg_adapter)} but the layout has "
+                         f"{layout.num_adapters} adapters: use ids in [-1, {layout.num_adapters - 1}]")
+    bad = [r for r in layout.ranks if r > min(K, N)]
+    if bad:
+        raise ValueError(f"rank(s) {bad} exceed min(K={K}, N={N}): choose rank <= {min(K, N)}")

@@ -1,0 +1,276 @@
+"""Multi-adapter LoRA linear in Triton: forward and backward over sorted token segments.
+
+    y = x W^T + b + s_a (x A_a^T) B_a^T        for every row of adapter a (a = -1: base only)
+
+Adapters of different ranks are packed along the rank axis without padding
+(``A_all [sum R, K]``, ``B_all [N, sum R]``, offsets in ``LoRALayout``). The base GEMM runs in
+cuBLAS (x @ W^T and dy @ W); three kernels do the LoRA part:
+
+- ``_shrink_kernel``  U[t, :R_a] = s? * rows(x)[t] @ Wt_a^T   (x @ A_a^T forward, dy @ B_a backward)
+- ``_expand_kernel``  out[rows[t]] += s? * U[t, :R_a] @ Wt_a   (adds into y forward, into dx backward)
+- ``_wgrad_kernel``   G_a = s? * P_seg^T @ rows(Q)_seg         (dA_a = dU^T x, dB_a = s dy^T U)
+
+Every output element has exactly one owning program that reduces sequentially, so gradients are
+deterministic with no atomics. Rows are addressed through ``token_idx`` (gather/scatter in the
+loads and stores), so the activations are never permuted in memory.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import LoRALayout, Routing, check_lora_inputs
+
+
+# --- kernels ------------------------------------------------------------------------------
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, w_ptr, u_ptr, token_idx_ptr, tile_seg_ptr, tile_start_ptr, seg_start_ptr,
+    seg_adapter_ptr, rank_ptr, rank_off_ptr, scale_ptr,
+    K, stride_x_t, stride_x_k, stride_w_r, stride_w_k, stride_u_t, stride_u_r,
+    APPLY_SCALE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """U[t, r] = sum_k x[token_idx[t], k] * w[off_a + r, k]   for t in a tile of segment s."""
+    pid_t = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    seg = tl.load(tile_seg_ptr + pid_t)
+    adapter = tl.load(seg_adapter_ptr + seg)
+    R = tl.load(rank_ptr + adapter)
+    r0 = pid_r * BLOCK_R
+    if r0 >= R:
+        return
+    r_off = tl.load(rank_off_ptr + adapter)
+    t_end = tl.load(seg_start_ptr + seg + 1)
+    offs_t = tl.load(tile_start_ptr + pid_t) + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < t_end
+    rows = tl.load(token_idx_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    w_rows = (r_off + offs_r).to(tl.int64)
+
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + rows[:, None] * stride_x_t + offs_k[None, :] * stride_x_k,
+                    mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptr + w_rows[None, :] * stride_w_r + offs_k[:, None] * stride_w_k,
+                    mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        acc += tl.dot(x, w)
+    if APPLY_SCALE:
+        acc *= tl.load(scale_ptr + adapter)
+    u_ptrs = u_ptr + offs_t.to(tl.int64)[:, None] * stride_u_t + offs_r[None, :] * stride_u_r
+    tl.store(u_ptrs, acc.to(u_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _expand_kernel(
+    u_ptr, w_ptr, out_ptr, token_idx_ptr, tile_seg_ptr, tile_start_ptr, seg_start_ptr,
+    seg_adapter_ptr, rank_ptr, rank_off_ptr, scale_ptr,
+    N, stride_u_t, stride_u_r, stride_w_n, stride_w_r, stride_o_t, stride_o_n,
+    APPLY_SCALE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out[token_idx[t], n] += sum_r U[t, r] * w[n, off_a + r]   for t in a tile of segment s."""
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    seg = tl.load(tile_seg_ptr + pid_t)
+    adapter = tl.load(seg_adapter_ptr + seg)
+    R = tl.load(rank_ptr + adapter)
+    if R == 0:
+        return
+    r_off = tl.load(rank_off_ptr + adapter)
+    t_end = tl.load(seg_start_ptr + seg + 1)
+    offs_t = tl.load(tile_start_ptr + pid_t) + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < t_end
+    rows = tl.load(token_idx_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        u = tl.load(u_ptr + offs_t.to(tl.int64)[:, None] * stride_u_t + offs_r[None, :] * stride_u_r,
+                    mask=mask_t[:, None] & mask_r[None, :], other=0.0)
+        w = tl.load(w_ptr + (r_off + offs_r).to(tl.int64)[:, None] * stride_w_r
+                    + offs_n[None, :] * stride_w_n,
+                    mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc += tl.dot(u, w)
+    if APPLY_SCALE:
+        acc *= tl.load(scale_ptr + adapter)
+    o_ptrs = out_ptr + rows[:, None] * stride_o_t + offs_n[None, :] * stride_o_n
+    o_mask = mask_t[:, None] & mask_n[None, :]
+    # The add happens in fp32 before one rounding to the output dtype: one rounding fewer than
+    # PyTorch's `base + lora` in bf16.
+    out = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32) + acc
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _wgrad_kernel(
+    p_ptr, q_ptr, g_ptr, token_idx_ptr, seg_start_ptr, seg_adapter_ptr, rank_ptr, rank_off_ptr,
+    scale_ptr,
+    K, stride_p_t, stride_p_r, stride_q_t, stride_q_k, stride_g_r, stride_g_k,
+    APPLY_SCALE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """G[off_a + r, k] = sum_{t in segment} P[t, r] * Q[token_idx[t], k]   (one program per tile of G)."""
+    seg = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    adapter = tl.load(seg_adapter_ptr + seg)
+    R = tl.load(rank_ptr + adapter)
+    r0 = pid_r * BLOCK_R
+    if r0 >= R:
+        return
+    r_off = tl.load(rank_off_ptr + adapter)
+    t_begin = tl.load(seg_start_ptr + seg)
+    t_end = tl.load(seg_start_ptr + seg + 1)
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for t0 in range(t_begin, t_end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < t_end
+        rows = tl.load(token_idx_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
+        p = tl.load(p_ptr + offs_t.to(tl.int64)[:, None] * stride_p_t + offs_r[None, :] * stride_p_r,
+                    mask=mask_t[:, None] & mask_r[None, :], other=0.0)
+        q = tl.load(q_ptr + rows[:, None] * stride_q_t + offs_k[None, :] * stride_q_k,
+                    mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+        acc += tl.dot(tl.trans(p), q)
+    if APPLY_SCALE:
+        acc *= tl.load(scale_ptr + adapter)
+    g_ptrs = g_ptr + (r_off + offs_r).to(tl.int64)[:, None] * stride_g_r + offs_k[None, :] * stride_g_k
+    tl.store(g_ptrs, acc.to(g_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_k[None, :])
+
+
+# --- host launchers ---------------------------------------------------------------------------
+
+BLOCK_T = 64
+BLOCK_K = 64
+BLOCK_N = 64
+
+
+def _block_r(max_rank: int) -> int:
+    # tl.dot needs every dimension >= 16; past 64 the register tile of the shrink grows with no gain.
+    return min(64, max(16, triton.next_power_of_2(max(max_rank, 1))))
+
+
+def _shrink(x, w, stride_w_r, stride_w_k, layout, routing, apply_scale):
+    """U [T_routed, max R] in x.dtype; columns past an adapter's rank are left unwritten (zeros)."""
+    K = x.shape[1]
+    u = torch.zeros((routing.num_routed, layout.max_rank), dtype=x.dtype, device=x.device)
+    ranks, offs, scales = layout.device_tensors(x.device)
+    seg_start, seg_adapter = routing.segment_tensors()
+    tile_seg, tile_start = routing.token_tiles(BLOCK_T)
+    block_r = _block_r(layout.max_rank)
+    grid = (tile_seg.numel(), triton.cdiv(layout.max_rank, block_r))
+    _shrink_kernel[grid](
+        x, w, u, routing.token_idx, tile_seg, tile_start, seg_start, seg_adapter, ranks, offs, scales,
+        K, x.stride(0), x.stride(1), stride_w_r, stride_w_k, u.stride(0), u.stride(1),
+        APPLY_SCALE=apply_scale, BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=BLOCK_K,
+    )
+    return u
+
+
+def _expand_(u, w, stride_w_n, stride_w_r, out, layout, routing, apply_scale):
+    """out[rows] += (s *) U @ w_a^T, in place."""
+    N = out.shape[1]
+    ranks, offs, scales = layout.device_tensors(out.device)
+    seg_start, seg_adapter = routing.segment_tensors()
+    tile_seg, tile_start = routing.token_tiles(BLOCK_T)
+    grid = (tile_seg.numel(), triton.cdiv(N, BLOCK_N))
+    _expand_kernel[grid](
+        u, w, out, routing.token_idx, tile_seg, tile_start, seg_start, seg_adapter, ranks, offs, scales,
+        N, u.stride(0), u.stride(1), stride_w_n, stride_w_r, out.stride(0), out.stride(1),
+        APPLY_SCALE=apply_scale, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_R=_block_r(layout.max_rank),
+    )
+
+
+def _wgrad(p, q, g, stride_g_r, stride_g_k, layout, routing, apply_scale):
+    """g[rank rows of a, :] = (s *) P_a^T @ Q[rows of a] for every segment; g pre-zeroed."""
+    K = q.shape[1]
+    ranks, offs, scales = layout.device_tensors(q.device)
+    seg_start, seg_adapter = routing.segment_tensors()
+    block_r = _block_r(layout.max_rank)
+    grid = (routing.num_segments, triton.cdiv(layout.max_rank, block_r), triton.cdiv(K, BLOCK_K))
+    _wgrad_kernel[grid](
+        p, q, g, routing.token_idx, seg_start, seg_adapter, ranks, offs, scales,
+        K, p.stride(0), p.stride(1), q.stride(0), q.stride(1), stride_g_r, stride_g_k,
+        APPLY_SCALE=apply_scale, BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=BLOCK_K,
+    )
+
+
+# --- autograd -----------------------------------------------------------------------------
+
+class _LoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, layout, routing):
+        y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
+        active = routing.num_routed > 0 and layout.max_rank > 0
+        u = None
+        if active:
+            u = _shrink(x, lora_a, lora_a.stride(0), lora_a.stride(1), layout, routing, apply_scale=False)
+            _expand_(u, lora_b, lora_b.stride(0), lora_b.stride(1), y, layout, routing, apply_scale=True)
+        ctx.layout, ctx.routing, ctx.active = layout, routing, active
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, lora_a, lora_b, u)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_a, lora_b, u = ctx.saved_tensors
+        layout, routing = ctx.layout, ctx.routing
+        dy = dy.contiguous()
+        need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
+        dx = dweight = dbias = da = db = None
+        du = None
+        if ctx.active and (need_x or need_a):
+            # dU = s_a dy @ B_a: a shrink with B_all read as [sum R, N] (strides swapped).
+            du = _shrink(dy, lora_b, lora_b.stride(1), lora_b.stride(0), layout, routing, apply_scale=True)
+        if need_x:
+            dx = dy @ weight
+            if du is not None:
+                # dx[rows] += dU @ A_a: an expand with A_all read as [K, sum R].
+                _expand_(du, lora_a, lora_a.stride(1), lora_a.stride(0), dx, layout, routing,
+                         apply_scale=False)
+        if need_w:
+            dweight = dy.T @ x
+        if need_b and ctx.has_bias:
+            dbias = dy.sum(0)
+        if need_a:
+            da = torch.zeros_like(lora_a)
+            if du is not None:
+                _wgrad(du, x, da, da.stride(0), da.stride(1), layout, routing, apply_scale=False)
+        if need_lb:
+            db = torch.zeros_like(lora_b)
+            if ctx.active:
+                # dB_a = s_a dy_seg^T U_seg, stored transposed into B_all's columns.
+                _wgrad(u, dy, db, db.stride(1), db.stride(0), layout, routing, apply_scale=True)
+        return dx, dweight, dbias, da, db, None, None
+
+
+# --- public function ----------------------------------------------------------------------
+
+def lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       lora_a: torch.Tensor, lora_b: torch.Tensor, layout: LoRALayout,
+                       routing: Routing) -> torch.Tensor:
+    """Multi-adapter LoRA linear, Triton path.
+
+    Args:
+        x: [T, K] fp32/fp16/bf16 activations (rows of all adapters, any order).
+        weight: [N, K] frozen base weight, x.dtype. bias: [N] or None.
+        lora_a: [sum R, K] all adapters' A packed by ``layout`` (x.dtype).
+        lora_b: [N, sum R] all adapters' B packed by ``layout`` (x.dtype).
+        layout: ranks, offsets and scales per adapter (``LoRALayout``).
+        routing: which rows belong to which adapter (``Routing``, built once per batch).
+    Returns:
+        y: [T, N] in x.dtype. Gradients flow to x, lora_a, lora_b (and weight/bias if they require it).
+    """
+    check_lora_inputs(x, weight, bias, lora_a, lora_b, layout, routing)
+    return _LoRALinear.apply(x.contiguous(), weight, bias, lora_a.contiguous(), lora_b.contiguous(),
+                             layout, routing)
