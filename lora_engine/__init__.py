@@ -1,5 +1,7 @@
 """lora-engine: many LoRA adapters trained concurrently on one frozen base model."""
 from lora_engine import ops
+from lora_engine.adapters import AdapterBank, AdapterSpec
+from lora_engine.model import MultiLoRAModel
 
 __version__ = "0.1.0"
-__all__ = ["ops", "__version__"]
+__all__ = ["ops", "AdapterSpec", "AdapterBank", "MultiLoRAModel", "__version__"]

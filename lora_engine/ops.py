@@ -1,8 +1,9 @@
 """The public functional API (``le.ops.*``).
 
 This is the only module that decides which implementation runs: the Triton kernels when the
-inputs live on a CUDA device and Triton imports, the naive fp32 PyTorch reference otherwise
-(a CPU machine, or ``LORA_ENGINE_FORCE_NAIVE=1`` for debugging on a GPU).
+inputs live on a CUDA device and Triton imports, the naive fp32 PyTorch reference otherwise.
+``LORA_ENGINE_BACKEND=naive|triton`` overrides the choice (naive: debugging on a GPU; triton:
+tests on a CPU under ``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
@@ -22,23 +23,26 @@ def triton_available() -> bool:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """Triton on CUDA tensors, the naive reference everywhere else."""
-    if os.environ.get("LORA_ENGINE_FORCE_NAIVE") == "1":
-        return False
+    """Triton on CUDA tensors, the naive reference everywhere else (unless overridden)."""
+    backend = os.environ.get("LORA_ENGINE_BACKEND", "")
+    if backend not in ("", "naive", "triton"):
+        raise ValueError(f"LORA_ENGINE_BACKEND={backend!r}: use 'naive', 'triton' or leave it unset")
+    if backend:
+        return backend == "triton"
     return t.is_cuda and triton_available()
 
 
 # --- multi-adapter LoRA -----------------------------------------------------------------
 
-def lora_linear(x, weight, bias, lora_a, lora_b, routing, scales):
+def lora_linear(x, weight, bias, lora_a, lora_b, layout, routing):
     """``y = x W^T + b + s_a (x A_a^T) B_a^T`` for each token of adapter ``a``.
 
-    See ``lora_engine.kernels.lora.lora_linear_triton`` for shapes and dtypes.
+    See ``lora_engine.kernels.lora.triton_lora.lora_linear_triton`` for shapes and dtypes.
     """
     from lora_engine.kernels import lora
 
     fn = lora.lora_linear_triton if use_triton(x) else lora.lora_linear_naive
-    return fn(x, weight, bias, lora_a, lora_b, routing, scales)
+    return fn(x, weight, bias, lora_a, lora_b, layout, routing)
 
 
 # --- log-probs and policy loss -----------------------------------------------------------

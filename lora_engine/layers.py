@@ -1,0 +1,88 @@
+"""``MultiLoRALinear``: a frozen base ``nn.Linear`` plus the bank's adapters for that module."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lora_engine import ops
+
+
+class RoutingState:
+    """The per-batch adapter context shared by every wrapped layer of one model.
+
+    Holds one adapter id per sequence; the routing for a given (B, L) input is built on first
+    use and reused by every layer of the same forward (and rebuilt when the shape changes, as
+    between generation steps).
+    """
+
+    def __init__(self):
+        self.adapter_ids: torch.Tensor | None = None
+        self.num_slots = 0
+        self._cache: dict = {}
+
+    def set(self, adapter_ids: torch.Tensor | None, num_slots: int) -> None:
+        self.adapter_ids = adapter_ids
+        self.num_slots = num_slots
+        self._cache = {}
+
+    def routing_for(self, batch: int, seq_len: int, device):
+        from lora_engine.routing import build_routing
+
+        key = (batch, seq_len, str(device))
+        if key not in self._cache:
+            if self.adapter_ids.numel() != batch:
+                raise ValueError(f"adapter_ids has {self.adapter_ids.numel()} entries but the batch has "
+                                 f"{batch} sequences: give one adapter id per sequence")
+            self._cache[key] = build_routing(self.adapter_ids, seq_len, self.num_slots, device)
+        return self._cache[key]
+
+
+class MultiLoRALinear(nn.Module):
+    """Frozen base linear; with an active routing, adds each sequence's own adapter update.
+
+    Outside an engine call (no routing set) it is exactly the base layer.
+    """
+
+    def __init__(self, base: nn.Linear, name: str, bank, state: RoutingState):
+        super().__init__()
+        self.base = base
+        self.name = name
+        # Plain attributes, not submodules: the bank and state belong to the engine, once.
+        object.__setattr__(self, "bank", bank)
+        object.__setattr__(self, "state", state)
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    @property
+    def in_features(self):
+        return self.base.in_features
+
+    @property
+    def out_features(self):
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.state.adapter_ids is None:
+            return self.base(x)
+        layout = self.bank.layout(self.name)
+        if layout.max_rank == 0:
+            return self.base(x)
+        lead = x.shape[:-1]
+        if len(lead) != 2:
+            raise ValueError(f"{self.name}: expected [B, L, K] activations, got {tuple(x.shape)}")
+        routing = self.state.routing_for(lead[0], lead[1], x.device)
+        lora_a, lora_b = self.bank.packed(self.name, x.dtype)
+        y = ops.lora_linear(x.reshape(-1, x.shape[-1]), self.base.weight, self.base.bias,
+                            lora_a, lora_b, layout, routing)
+        return y.reshape(*lead, -1)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}, in={self.in_features}, out={self.out_features}"

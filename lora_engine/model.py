@@ -1,0 +1,136 @@
+"""Attach a bank of LoRA adapters to any Hugging Face causal LM.
+
+    engine = MultiLoRAModel(model, [AdapterSpec(rank=1), AdapterSpec(rank=64)], target_modules="all-linear")
+    out = engine(input_ids, attention_mask=mask, adapter_ids=torch.tensor([0, 1, -1, 0]))
+
+The base weights are frozen and stored once. Targeted ``nn.Linear`` modules are replaced, on
+this model instance, by ``MultiLoRALinear`` wrappers that read the per-batch routing; nothing
+in transformers' classes is patched.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from lora_engine.adapters import AdapterBank, AdapterSpec, matches
+from lora_engine.layers import MultiLoRALinear, RoutingState
+
+# Never adapted: the output head (the fused log-prob kernel reads it frozen) and embeddings.
+EXCLUDED = ("lm_head",)
+
+
+class MultiLoRAModel(nn.Module):
+    """One frozen base model, many LoRA adapters; each sequence of a batch picks its own.
+
+    Args:
+        model: a Hugging Face causal LM (Qwen3, Llama, Qwen2, ...), any dtype/device.
+        adapters: initial ``AdapterSpec`` list; their ids are 0, 1, ... in order.
+        target_modules: ``"all-linear"`` (every nn.Linear but the LM head, as PEFT), a list of
+            module-name suffixes (``["q_proj", "v_proj"]``) or a regex matched against full names.
+            Adapters may target a subset of these with ``AdapterSpec.target_modules``.
+        adapter_dtype: dtype of the trainable adapter weights (fp32 master weights by default);
+            they are cast to the activation dtype inside each layer.
+    """
+
+    def __init__(self, model: nn.Module, adapters: list[AdapterSpec] | None = None,
+                 target_modules="all-linear", adapter_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.model = model
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.bank = AdapterBank(adapter_dtype)
+        self.bank.default_targets = "all-linear"
+        self.state = RoutingState()
+        self.target_modules = target_modules
+        self._wrap(target_modules)
+        for spec in adapters or []:
+            self.add_adapter(spec)
+
+    def _wrap(self, targets) -> None:
+        found = []
+        for name, mod in list(self.model.named_modules()):
+            if not isinstance(mod, nn.Linear) or isinstance(mod, MultiLoRALinear):
+                continue
+            if name.split(".")[-1] in EXCLUDED or not matches(name, targets):
+                continue
+            found.append((name, mod))
+        if not found:
+            raise ValueError(f"target_modules={targets!r} matched no nn.Linear in the model: use "
+                             "'all-linear' or suffixes such as ['q_proj', 'v_proj']")
+        for name, mod in found:
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, child, MultiLoRALinear(mod, name, self.bank, self.state))
+            self.bank.register_module_info(name, mod.in_features, mod.out_features, mod.weight.device)
+
+    # -- adapters ------------------------------------------------------------------------
+    def add_adapter(self, spec: AdapterSpec) -> int:
+        """Add an adapter between steps; returns its id (ids are never reused)."""
+        if not isinstance(spec, AdapterSpec):
+            raise ValueError(f"expected an AdapterSpec, got {type(spec).__name__}: wrap it as "
+                             "le.AdapterSpec(rank=...)")
+        return self.bank.add(spec)
+
+    def remove_adapter(self, i: int) -> None:
+        self.bank.remove(i)
+
+    def adapter_parameters(self, i: int) -> list[nn.Parameter]:
+        """The trainable tensors of adapter ``i`` only (A and B of every module it targets)."""
+        return self.bank.parameters_of(i)
+
+    def adapter_spec(self, i: int) -> AdapterSpec:
+        if i not in self.bank.specs:
+            raise ValueError(f"no adapter with id {i}; present: {self.bank.ids()}")
+        return self.bank.specs[i]
+
+    @property
+    def adapter_ids(self) -> list[int]:
+        return self.bank.ids()
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self.bank.specs)
+
+    # -- forward -------------------------------------------------------------------------
+    def _check_ids(self, adapter_ids) -> torch.Tensor:
+        ids = torch.as_tensor(adapter_ids).reshape(-1)
+        if ids.dtype.is_floating_point:
+            raise ValueError("adapter_ids must be integers (one id per sequence, -1 = base only)")
+        present = set(self.bank.ids())
+        bad = sorted({int(i) for i in ids.cpu().tolist() if i != -1 and int(i) not in present})
+        if bad:
+            raise ValueError(f"adapter id(s) {bad} are not in the bank (present: {sorted(present)}); "
+                             "use -1 for the base model or add the adapter first")
+        return ids
+
+    @contextlib.contextmanager
+    def use_adapters(self, adapter_ids):
+        """Route every forward inside the block: sequence b uses adapter ``adapter_ids[b]``.
+
+        Used for generation (each decoding step reuses the ids).
+        """
+        ids = self._check_ids(adapter_ids)
+        self.state.set(ids, self.bank.num_slots)
+        try:
+            yield self
+        finally:
+            self.state.set(None, 0)
+
+    def forward(self, input_ids=None, attention_mask=None, adapter_ids=None, **kwargs):
+        """Run the base model with per-sequence adapters.
+
+        Args:
+            input_ids: [B, L] token ids. attention_mask: [B, L] or None.
+            adapter_ids: [B] ints, one per sequence, in the bank's ids or -1 (base only).
+                None: the base model alone.
+            kwargs: passed to the Hugging Face model (``logits_to_keep``, ``past_key_values``...).
+        """
+        if adapter_ids is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if input_ids is not None and torch.as_tensor(adapter_ids).numel() != input_ids.shape[0]:
+            raise ValueError(f"adapter_ids has {torch.as_tensor(adapter_ids).numel()} entries for a batch "
+                             f"of {input_ids.shape[0]} sequences: give one id per sequence")
+        with self.use_adapters(adapter_ids):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
