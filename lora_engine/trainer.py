@@ -1,0 +1,315 @@
+"""GRPO over many LoRA adapters at once on one frozen base model.
+
+Objective. Each adapter a (parameters theta_a, its own prompts q ~ D drawn with its own seed,
+G samples o_1..o_G per prompt from pi_old = pi_theta_a at rollout time) minimises
+
+    L_a = AGG_{i in S_a, t} [ -min(r_it A_i, clip(r_it, 1 - eps_low, 1 + eps_high) A_i) + beta * k3_it ]
+
+    r_it = exp(logp_theta_a(o_it) - logp_old(o_it))        (token level; GSPO: per sequence)
+    A_i  = (R_i - mean_group R) / (std_group R + 1e-4)      (scale_rewards="none": no division)
+    k3_it = exp(ref_it - logp_it) - (ref_it - logp_it) - 1, ref = the same base, adapter off
+
+where AGG is TRL's ``loss_type`` (grpo | bnpo | dr_grpo | dapo) taken over adapter a's own
+sequences and tokens only. R_i = task correctness (+ format bonus, + length penalty). The
+trainer minimises sum_a L_a: the gradient is block-diagonal, so every adapter gets exactly the
+update it would get alone, with its own AdamW (lr, LoRA+ ratio for B, weight decay), its own
+gradient clipping, and a NaN/inf in one adapter skips only that adapter's step.
+
+One step: rollout -> rewards -> advantages -> old/ref log-probs -> fused loss -> per-adapter step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from lora_engine import ops
+from lora_engine.algorithms import group_advantages, make_group_ids
+from lora_engine.config import TrainConfig, save_config
+from lora_engine.model import MultiLoRAModel
+from lora_engine.peft_io import load_adapter_weights, save_adapter
+from lora_engine.rollout import Rollouts, generate
+from lora_engine.runinfo import run_info
+from lora_engine.tasks import load_task
+
+
+def load_base(cfg: TrainConfig):
+    """The base model and tokenizer: the built-in tiny default or a local Hugging Face path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = cfg.model
+    if path == "tiny":
+        from lora_engine.tiny import build_tiny_model
+        path = build_tiny_model(progress=cfg.progress)
+    elif not Path(path).exists():
+        raise ValueError(f"model {cfg.model!r} is neither 'tiny' nor a local directory: give the path of a "
+                         "saved Hugging Face model (no hub downloads)")
+    dtype = getattr(torch, cfg.dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: TrainConfig, model=None, tokenizer=None, task=None):
+        self.cfg = cfg
+        if model is None:
+            model, tokenizer = load_base(cfg)
+        self.tokenizer = tokenizer
+        self.engine = MultiLoRAModel(model, list(cfg.adapters), target_modules=cfg.target_modules)
+        self.ids = self.engine.adapter_ids
+        self.task = task if task is not None else load_task(cfg.task, seed=cfg.seed)
+        self.optimizers = {a: self._make_optimizer(a) for a in self.ids}
+        self.step_idx = 0
+        self.tokens = {a: 0 for a in self.ids}
+        self.out = Path(cfg.output_dir)
+
+    def _make_optimizer(self, a: int) -> torch.optim.Optimizer:
+        spec = self.engine.adapter_spec(a)
+        named = self.engine.bank.named_parameters_of(a)
+        groups = [
+            {"params": [p for n, p in named.items() if n.endswith("lora_A")], "lr": spec.lr},
+            {"params": [p for n, p in named.items() if n.endswith("lora_B")], "lr": spec.lr * spec.lora_plus_ratio},
+        ]
+        return torch.optim.AdamW(groups, weight_decay=spec.weight_decay)
+
+    # -- 1. rollout ---------------------------------------------------------------------
+    def _seed(self, a: int, step: int, stream: int) -> int:
+        # Every random draw of adapter a at a step comes from (its seed, step, stream): rollouts
+        # never depend on other adapters, and a resumed run redraws exactly the same numbers.
+        return (self.engine.adapter_spec(a).seed * 1_000_003 + step * 7_919 + stream) % (2**63)
+
+    def rollout(self, step: int):
+        cfg = self.cfg
+        problems, adapter_of, prompt_of = [], [], []
+        for a in self.ids:
+            g = torch.Generator().manual_seed(self._seed(a, step, 0))
+            for j, p in enumerate(self.task.sample_train(cfg.prompts_per_step, g)):
+                for _ in range(cfg.samples_per_prompt):
+                    problems.append(p)
+                    adapter_of.append(a)
+                    prompt_of.append(j)
+        prompt_ids = [self.task.encode_prompt(self.tokenizer, p) for p in problems]
+        ro = generate(self.engine, prompt_ids, adapter_of, eos_id=self.tokenizer.eos_token_id,
+                      pad_id=self.tokenizer.pad_token_id, max_new_tokens=cfg.max_new_tokens,
+                      temperature=cfg.temperature, top_p=cfg.top_p,
+                      seeds={a: self._seed(a, step, 1) for a in self.ids})
+        return problems, prompt_of, ro
+
+    # -- 2. rewards and 3. advantages ---------------------------------------------------
+    def rewards(self, problems, ro: Rollouts):
+        texts = self.tokenizer.batch_decode(ro.completion_ids * ro.completion_mask, skip_special_tokens=True)
+        correct = self.task.score(problems, texts)
+        total = list(correct)
+        lengths = ro.completion_mask.sum(-1).tolist()
+        if self.cfg.format_weight:
+            from lora_engine.rewards import boxed_format_reward
+            fmt = boxed_format_reward([p["prompt"] for p in problems], texts, [p["answer"] for p in problems])
+            total = [t + self.cfg.format_weight * f for t, f in zip(total, fmt)]
+        if self.cfg.length_weight:
+            # Light penalty: the fraction of the token budget used, scaled by length_weight.
+            total = [t - self.cfg.length_weight * n / self.cfg.max_new_tokens for t, n in zip(total, lengths)]
+        return torch.tensor(total, dtype=torch.float32), torch.tensor(correct, dtype=torch.float32)
+
+    # -- 4. log-probs from hidden states (fused: no [T, V] logits on the GPU path) -------
+    def token_logprobs(self, ro: Rollouts, adapter_ids, entropy=False):
+        model = self.engine.model
+        decoder = getattr(model, model.base_model_prefix)
+        pos = (ro.attention_mask.cumsum(-1) - 1).clamp_min(0)
+        with self.engine.use_adapters(adapter_ids):
+            h = decoder(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=pos).last_hidden_state
+        P, C = ro.prompt_len, ro.completion_ids.shape[1]
+        h = h[:, P - 1:P + C - 1].reshape(-1, h.shape[-1])
+        res = ops.token_logprobs(h, model.get_output_embeddings().weight, ro.completion_ids.reshape(-1),
+                                 temperature=self.cfg.temperature, return_entropy=entropy)
+        if entropy:
+            return res[0].view(-1, C), res[1].view(-1, C)
+        return res.view(-1, C)
+
+    # -- 5. one training step -----------------------------------------------------------
+    def step(self, step: int) -> dict[int, dict]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        problems, prompt_of, ro = self.rollout(step)
+        reward, correct = self.rewards(problems, ro)
+        adapter_ids = ro.adapter_ids
+        groups = make_group_ids(adapter_ids, torch.tensor(prompt_of))
+        adv, keep, _ = group_advantages(reward, groups, scale=cfg.scale_rewards,
+                                        drop_zero_variance=cfg.drop_zero_variance)
+        mask = ro.completion_mask.float() * keep.float()[:, None].to(ro.completion_mask.device)
+        device = ro.input_ids.device
+        adv = adv.to(device)
+        with torch.no_grad():
+            ref = self.token_logprobs(ro, torch.full_like(adapter_ids, -1)) if cfg.beta > 0 else None
+            old = self.token_logprobs(ro, adapter_ids) if cfg.inner_updates > 1 else None
+        skipped, grad_norms, metrics, entropy = set(), {}, None, None
+        for _ in range(cfg.inner_updates):
+            logp, ent = self.token_logprobs(ro, adapter_ids, entropy=True)
+            entropy = ent.detach()
+            losses, metrics = ops.policy_loss(
+                logp, old if old is not None else logp.detach(), adv, mask, adapter_ids.to(device),
+                ref_logp=ref, loss_type=cfg.loss_type, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                delta=cfg.delta, beta=cfg.beta, num_adapters=self.engine.bank.num_slots)
+            losses.sum().backward()
+            for a in self.ids:
+                norm = self._adapter_step(a, losses[a])
+                grad_norms[a] = norm
+                if not math.isfinite(norm):
+                    skipped.add(a)
+        wall = time.perf_counter() - t0
+        return self._step_metrics(step, ro, reward, correct, adv, keep, mask, entropy, metrics,
+                                  grad_norms, skipped, wall)
+
+    def _adapter_step(self, a: int, loss: torch.Tensor) -> float:
+        """Clip and step adapter a alone; a non-finite loss or gradient skips its step."""
+        params = self.engine.adapter_parameters(a)
+        opt = self.optimizers[a]
+        norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        if math.isfinite(norm) and torch.isfinite(loss):
+            opt.step()
+        else:
+            norm = float("nan")
+        opt.zero_grad(set_to_none=True)
+        return norm
+
+    def _step_metrics(self, step, ro, reward, correct, adv, keep, mask, entropy, metrics, grad_norms,
+                      skipped, wall) -> dict[int, dict]:
+        out = {}
+        ids = ro.adapter_ids
+        clen = ro.completion_mask.sum(-1).cpu().float()
+        for a in self.ids:
+            rows = (ids == a).nonzero().squeeze(-1)
+            m = mask[rows.to(mask.device)]
+            tok = int(ro.prompt_tokens[rows].sum() + clen[rows].sum())
+            self.tokens[a] += tok
+            ent = float((entropy[rows.to(entropy.device)] * m).sum() / m.sum().clamp_min(1))
+            out[a] = {
+                "step": step, "adapter": a, "rank": self.engine.adapter_spec(a).rank,
+                "reward_mean": float(reward[rows].mean()), "reward_std": float(reward[rows].std()),
+                "accuracy": float(correct[rows].mean()), "adv_std": float(adv[rows.to(adv.device)].std()),
+                "kl": float(metrics["kl_mean"][a]), "clip_frac": float(metrics["clip_frac"][a]),
+                "entropy": ent, "response_len": float(clen[rows].mean()),
+                "truncated_frac": float(ro.truncated[rows].float().mean()),
+                "kept_frac": float(keep[rows].float().mean()), "grad_norm": grad_norms[a],
+                "skipped": a in skipped, "tokens_step": tok, "tokens_total": self.tokens[a],
+                "wall_s": wall,
+            }
+        return out
+
+    # -- evaluation ---------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, adapters=None) -> dict[int, float]:
+        """Greedy pass@1 on the held-out problems for each adapter (and -1, the base), batched."""
+        adapters = list(self.ids) if adapters is None else list(adapters)
+        problems = self.task.eval_set(self.cfg.eval_problems)
+        rows, owner = [], []
+        for a in adapters:
+            rows += problems
+            owner += [a] * len(problems)
+        prompt_ids = [self.task.encode_prompt(self.tokenizer, p) for p in rows]
+        ro = generate(self.engine, prompt_ids, owner, eos_id=self.tokenizer.eos_token_id,
+                      pad_id=self.tokenizer.pad_token_id, max_new_tokens=self.cfg.max_new_tokens, greedy=True)
+        texts = self.tokenizer.batch_decode(ro.completion_ids * ro.completion_mask, skip_special_tokens=True)
+        scores = torch.tensor(self.task.score(rows, texts))
+        owner_t = torch.tensor(owner)
+        return {a: float(scores[owner_t == a].mean()) for a in adapters}
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """adapters (PEFT format) + optimizer states + counters, written atomically."""
+        ckpt_root = self.out / "checkpoints"
+        final = ckpt_root / f"step_{self.step_idx:06d}"
+        tmp = ckpt_root / f".tmp_step_{self.step_idx:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for a in self.ids:
+            save_adapter(self.engine, a, tmp / f"adapter_{a}", base_model_name=self.cfg.model)
+        torch.save({str(a): opt.state_dict() for a, opt in self.optimizers.items()}, tmp / "optimizers.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": self.step_idx, "tokens": self.tokens}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        latest_tmp = ckpt_root / ".latest.tmp"
+        latest_tmp.write_text(final.name)
+        os.replace(latest_tmp, ckpt_root / "latest")
+        return final
+
+    def load_checkpoint(self) -> bool:
+        latest = self.out / "checkpoints" / "latest"
+        if not latest.exists():
+            return False
+        ckpt = self.out / "checkpoints" / latest.read_text().strip()
+        state = json.loads((ckpt / "state.json").read_text())
+        for a in self.ids:
+            load_adapter_weights(self.engine, a, ckpt / f"adapter_{a}")
+        opt_states = torch.load(ckpt / "optimizers.pt", weights_only=True)
+        for a in self.ids:
+            self.optimizers[a].load_state_dict(opt_states[str(a)])
+        self.tokens = {int(k): v for k, v in state["tokens"].items()}
+        self.step_idx = state["step"]
+        return True
+
+    # -- the loop -----------------------------------------------------------------------
+    def fit(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.out / "config.json")
+        (self.out / "run.json").write_text(json.dumps(run_info(), indent=2))
+        resumed = cfg.resume and self.load_checkpoint()
+        log_path = self.out / "log.jsonl"
+        if resumed and log_path.exists():
+            # Steps after the checkpoint are redone: drop their rows so each step is logged once.
+            kept = [l for l in log_path.read_text().splitlines() if json.loads(l)["step"] < self.step_idx]
+            log_path.write_text("".join(l + "\n" for l in kept))
+        summary_path = self.out / "summary.json"
+        summary = json.loads(summary_path.read_text()) if resumed and summary_path.exists() else {}
+        if "base" not in summary:
+            ev = self.evaluate([-1] + list(self.ids))
+            summary = {"base": ev[-1], "initial": {str(a): ev[a] for a in self.ids}, "eval": []}
+            summary_path.write_text(json.dumps(summary, indent=2))
+        bar = tqdm(range(self.step_idx, cfg.steps), desc="GRPO", disable=not cfg.progress,
+                   initial=self.step_idx, total=cfg.steps)
+        with open(log_path, "a") as log:
+            for step in bar:
+                rows = self.step(step)
+                for row in rows.values():
+                    log.write(json.dumps(row) + "\n")
+                log.flush()
+                self.step_idx = step + 1
+                bar.set_postfix({f"r{r['rank']}": f"{r['accuracy']:.2f}" for r in rows.values()})
+                if cfg.eval_every and self.step_idx % cfg.eval_every == 0 and self.step_idx < cfg.steps:
+                    ev = self.evaluate()
+                    summary["eval"].append({"step": self.step_idx, **{str(a): v for a, v in ev.items()}})
+                if cfg.checkpoint_every and self.step_idx % cfg.checkpoint_every == 0:
+                    summary_path.write_text(json.dumps(summary, indent=2))
+                    self.save_checkpoint()
+        final = self.evaluate()
+        summary["final"] = {str(a): v for a, v in final.items()}
+        summary["tokens"] = {str(a): v for a, v in self.tokens.items()}
+        summary_path.write_text(json.dumps(summary, indent=2))
+        if self.step_idx % max(cfg.checkpoint_every, 1) != 0 or not cfg.checkpoint_every:
+            self.save_checkpoint()
+        self._print_summary(summary)
+        return summary
+
+    def _print_summary(self, summary: dict) -> None:
+        print(f"\nheld-out greedy accuracy (base model: {summary['base']:.3f})")
+        print(f"{'adapter':>8} {'rank':>5} {'initial':>8} {'final':>8} {'gain':>8} {'tokens':>10}")
+        for i, spec in enumerate(self.cfg.adapters):
+            ini, fin = summary["initial"].get(str(i)), summary["final"].get(str(i))
+            print(f"{i:>8} {spec.rank:>5} {ini:>8.3f} {fin:>8.3f} {fin - ini:>+8.3f} "
+                  f"{summary['tokens'].get(str(i), 0):>10}")
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run a whole GRPO training from a config (the ``lora-engine train`` command)."""
+    return GRPOTrainer(cfg).fit()

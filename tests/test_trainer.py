@@ -1,0 +1,150 @@
+"""The GRPO trainer: per-adapter isolation, resume, NaN containment, config errors."""
+import json
+
+import pytest
+import torch
+import transformers
+
+from helpers import assert_close
+from lora_engine.config import config_from_dict, load_config
+from lora_engine.tiny import build_tokenizer
+from lora_engine.trainer import GRPOTrainer
+
+
+class DistinctCharsTask:
+    """A task whose reward varies on a random model: the number of distinct characters produced."""
+
+    def __init__(self):
+        self.problems = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(10)]
+
+    def sample_train(self, n, generator):
+        idx = torch.randint(0, len(self.problems), (n,), generator=generator).tolist()
+        return [self.problems[i] for i in idx]
+
+    def eval_set(self, n):
+        return self.problems[:n]
+
+    def encode_prompt(self, tokenizer, problem):
+        return tokenizer(problem["prompt"], add_special_tokens=False)["input_ids"]
+
+    def score(self, problems, completions):
+        return [len(set(c)) / 5 for c in completions]
+
+
+def _model(tok):
+    cfg = transformers.Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                   max_position_embeddings=64)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+ADAPTERS = [{"rank": 1, "lr": 1e-2, "seed": 0}, {"rank": 4, "lr": 1e-2, "seed": 1, "lora_plus_ratio": 4.0},
+            {"rank": 8, "lr": 5e-3, "seed": 2, "scaling": "rslora"}]
+
+
+def _trainer(tmp_path, adapters=ADAPTERS, **kw):
+    tok = build_tokenizer()
+    base = {"adapters": adapters, "steps": 2, "prompts_per_step": 2, "samples_per_prompt": 4,
+            "max_new_tokens": 5, "eval_problems": 8, "output_dir": str(tmp_path), "progress": False,
+            "beta": 0.05, "inner_updates": 2, "checkpoint_every": 1}
+    base.update(kw)
+    return GRPOTrainer(config_from_dict(base), model=_model(tok), tokenizer=tok, task=DistinctCharsTask())
+
+
+def _weights(tr, a):
+    return [p.detach().clone() for p in tr.engine.adapter_parameters(a)]
+
+
+def test_step_gives_each_adapter_the_update_it_gets_alone(tmp_path):
+    together = _trainer(tmp_path / "all")
+    rows = together.step(0)
+    assert any(abs(r["grad_norm"]) > 0 for r in rows.values()), "the test task must produce gradients"
+    for k, spec in enumerate(ADAPTERS):
+        alone = _trainer(tmp_path / f"alone{k}", adapters=[spec])
+        alone.step(0)
+        for got, want in zip(_weights(together, k), _weights(alone, 0)):
+            assert_close(got, want, torch.float32, f"adapter {k}")
+        assert any(not torch.equal(w, w0) for w, w0 in zip(_weights(alone, 0), _weights(_trainer(tmp_path / "x", adapters=[spec]), 0)))
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
+    full = _trainer(tmp_path / "full", steps=4, checkpoint_every=2)
+    full.fit()
+    crashed = _trainer(tmp_path / "crash", steps=4, checkpoint_every=2)
+    real_step = crashed.step
+
+    def step(i):
+        if i == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real_step(i)
+
+    crashed.step = step
+    with pytest.raises(KeyboardInterrupt):
+        crashed.fit()
+    resumed = _trainer(tmp_path / "crash", steps=4, checkpoint_every=2)
+    resumed.fit()
+    assert resumed.step_idx == 4
+    for a in range(len(ADAPTERS)):
+        for got, want in zip(_weights(resumed, a), _weights(full, a)):
+            assert torch.equal(got, want), f"adapter {a} differs after resume"
+    steps_logged = [json.loads(l)["step"] for l in open(tmp_path / "crash" / "log.jsonl")]
+    assert steps_logged.count(2) == len(ADAPTERS) and 3 in steps_logged
+
+
+def test_nan_adapter_skips_its_step_and_leaves_others_identical(tmp_path):
+    clean = _trainer(tmp_path / "clean")
+    poisoned = _trainer(tmp_path / "poisoned")
+    with torch.no_grad():
+        for p in poisoned.engine.adapter_parameters(1):
+            p.fill_(float("nan"))
+    for s in range(2):
+        clean.step(s)
+        rows = poisoned.step(s)
+        assert rows[1]["skipped"] and not rows[0]["skipped"] and not rows[2]["skipped"]
+    for a in (0, 2):
+        for got, want in zip(_weights(poisoned, a), _weights(clean, a)):
+            assert_close(got, want, torch.float32, f"adapter {a}")
+    assert all(torch.isnan(p).all() for p in poisoned.engine.adapter_parameters(1)), "no update on NaN"
+
+
+def test_metrics_logged_per_adapter(tmp_path):
+    tr = _trainer(tmp_path)
+    rows = tr.step(0)
+    needed = {"reward_mean", "reward_std", "accuracy", "kl", "entropy", "adv_std", "clip_frac", "response_len",
+              "truncated_frac", "tokens_total", "wall_s"}
+    for r in rows.values():
+        assert needed <= set(r)
+        assert r["tokens_total"] > 0 and r["entropy"] > 0
+
+
+@pytest.mark.parametrize("data,match", [
+    pytest.param({"adapters": []}, "no adapters", id="no-adapters"),
+    pytest.param({"adapters": [{"rank": 2}], "loss_type": "ppo2"}, "loss_type", id="bad-loss"),
+    pytest.param({"adapters": [{"rank": 2}], "stepz": 3}, "unknown config key", id="typo-key"),
+    pytest.param({"adapters": [{"rank": 2, "rnak": 3}]}, "unknown adapter field", id="typo-adapter"),
+    pytest.param({"adapters": [{"rank": 2}], "samples_per_prompt": 1}, "samples_per_prompt", id="group-of-1"),
+    pytest.param({"adapters": [{"rank": 0}]}, "rank must be", id="rank0"),
+])
+def test_config_errors(data, match):
+    with pytest.raises(ValueError, match=match):
+        config_from_dict(data)
+
+
+def test_toml_and_overrides(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('steps = 5\n[[adapters]]\nrank = 2\n[[adapters]]\nrank = 4\n')
+    cfg = load_config(p, ["steps=7", "adapters.1.lr=0.01", "loss_type=grpo"])
+    assert cfg.steps == 7 and cfg.adapters[1].lr == 0.01 and cfg.loss_type == "grpo"
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(p, ["steps"])
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    from lora_engine.cli import main
+
+    assert main(["train", str(tmp_path / "missing.toml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
