@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _info(args) -> int:
@@ -27,6 +28,30 @@ def _train(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from lora_engine.sweep import describe, load_spec, run_sweep
+
+    spec = load_spec(args.spec)
+    describe(spec)
+    if args.dry_run:
+        return 0
+    out = args.out or str(Path("runs") / Path(args.spec).stem)
+    report = run_sweep(args.spec, out, progress=not args.no_progress)
+    print(f"report: {report}")
+    return 0
+
+
+def _report(args) -> int:
+    from lora_engine.report import write_report
+    from lora_engine.sweep import write_results
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "results.csv").exists() and (run_dir / "runs").exists():
+        write_results(run_dir)
+    print(f"report: {write_report(run_dir)}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="lora-engine",
                                 description="Train many LoRA adapters at once on one frozen base model.")
@@ -37,6 +62,15 @@ def main(argv=None) -> int:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set steps=10 (repeatable)")
     t.set_defaults(fn=_train)
+    s = sub.add_parser("sweep", help="run (or resume) a rank x batch x seed x lr x method sweep")
+    s.add_argument("spec", help="sweep spec TOML (see examples/tiny_sweep.toml)")
+    s.add_argument("--out", default=None, help="output directory (default runs/<spec name>)")
+    s.add_argument("--dry-run", action="store_true", help="print the grouping and exit")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(fn=_sweep)
+    r = sub.add_parser("report", help="regenerate report.md and figures from RUN_DIR/results.csv")
+    r.add_argument("run_dir")
+    r.set_defaults(fn=_report)
     args = p.parse_args(argv)
     try:
         return args.fn(args)

@@ -43,6 +43,9 @@ class TrainConfig:
     # rollouts
     steps: int = 40
     prompts_per_step: int = 8
+    # Optional per-adapter prompts per step (same order as adapters): lets one group hold
+    # adapters of different batch sizes, as the sweep runner packs them.
+    adapter_prompts_per_step: tuple[int, ...] = ()
     samples_per_prompt: int = 8
     max_new_tokens: int = 8
     temperature: float = 1.0
@@ -63,6 +66,7 @@ class TrainConfig:
     # evaluation and checkpoints
     eval_problems: int = 200
     eval_every: int = 0
+    eval_samples: int = 0  # > 0: also sample this many completions per eval problem (avg@n, pass@k)
     checkpoint_every: int = 10
     resume: bool = True
     progress: bool = True
@@ -72,6 +76,12 @@ class TrainConfig:
             raise ValueError("config has no adapters: add at least one [[adapters]] table with a rank")
         specs = tuple(a if isinstance(a, AdapterSpec) else _spec(a) for a in self.adapters)
         object.__setattr__(self, "adapters", specs)
+        object.__setattr__(self, "adapter_prompts_per_step", tuple(self.adapter_prompts_per_step))
+        if self.adapter_prompts_per_step and len(self.adapter_prompts_per_step) != len(specs):
+            raise ValueError(f"adapter_prompts_per_step has {len(self.adapter_prompts_per_step)} entries for "
+                             f"{len(specs)} adapters: give one per adapter or leave it empty")
+        if any(n < 1 for n in self.adapter_prompts_per_step):
+            raise ValueError("adapter_prompts_per_step entries must be >= 1")
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if self.loss_type not in LOSS_TYPES:

@@ -65,6 +65,15 @@ class MultiLoRAModel(nn.Module):
             setattr(parent, child, MultiLoRALinear(mod, name, self.bank, self.state))
             self.bank.register_module_info(name, mod.in_features, mod.out_features, mod.weight.device)
 
+    def detach(self) -> nn.Module:
+        """Put the original ``nn.Linear`` modules back and return the plain base model."""
+        for name, mod in list(self.model.named_modules()):
+            if isinstance(mod, MultiLoRALinear):
+                parent_name, _, child = name.rpartition(".")
+                parent = self.model.get_submodule(parent_name) if parent_name else self.model
+                setattr(parent, child, mod.base)
+        return self.model
+
     # -- adapters ------------------------------------------------------------------------
     def add_adapter(self, spec: AdapterSpec) -> int:
         """Add an adapter between steps; returns its id (ids are never reused)."""

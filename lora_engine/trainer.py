@@ -90,9 +90,10 @@ class GRPOTrainer:
     def rollout(self, step: int):
         cfg = self.cfg
         problems, adapter_of, prompt_of = [], [], []
-        for a in self.ids:
+        for k, a in enumerate(self.ids):
             g = torch.Generator().manual_seed(self._seed(a, step, 0))
-            for j, p in enumerate(self.task.sample_train(cfg.prompts_per_step, g)):
+            n = cfg.adapter_prompts_per_step[k] if cfg.adapter_prompts_per_step else cfg.prompts_per_step
+            for j, p in enumerate(self.task.sample_train(n, g)):
                 for _ in range(cfg.samples_per_prompt):
                     problems.append(p)
                     adapter_of.append(a)
@@ -206,21 +207,40 @@ class GRPOTrainer:
 
     # -- evaluation ---------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, adapters=None) -> dict[int, float]:
-        """Greedy pass@1 on the held-out problems for each adapter (and -1, the base), batched."""
+    def evaluate(self, adapters=None, samples: int = 0) -> dict[int, dict]:
+        """Held-out evaluation per adapter (-1 = the base), all adapters in one batch.
+
+        Returns ``{adapter: {"pass@1": greedy accuracy, "entropy": mean token entropy of the
+        policy on its greedy completions, and with samples=n > 0: "avg@n", "pass@n"}}``.
+        """
         adapters = list(self.ids) if adapters is None else list(adapters)
         problems = self.task.eval_set(self.cfg.eval_problems)
-        rows, owner = [], []
-        for a in adapters:
-            rows += problems
-            owner += [a] * len(problems)
-        prompt_ids = [self.task.encode_prompt(self.tokenizer, p) for p in rows]
-        ro = generate(self.engine, prompt_ids, owner, eos_id=self.tokenizer.eos_token_id,
-                      pad_id=self.tokenizer.pad_token_id, max_new_tokens=self.cfg.max_new_tokens, greedy=True)
-        texts = self.tokenizer.batch_decode(ro.completion_ids * ro.completion_mask, skip_special_tokens=True)
-        scores = torch.tensor(self.task.score(rows, texts))
-        owner_t = torch.tensor(owner)
-        return {a: float(scores[owner_t == a].mean()) for a in adapters}
+        res = {a: {} for a in adapters}
+        for mode in ["greedy"] + (["sampled"] if samples > 0 else []):
+            n = 1 if mode == "greedy" else samples
+            rows = [p for a in adapters for p in problems for _ in range(n)]
+            owner = [a for a in adapters for _ in problems for _ in range(n)]
+            prompt_ids = [self.task.encode_prompt(self.tokenizer, p) for p in rows]
+            ro = generate(self.engine, prompt_ids, owner, eos_id=self.tokenizer.eos_token_id,
+                          pad_id=self.tokenizer.pad_token_id, max_new_tokens=self.cfg.max_new_tokens,
+                          greedy=mode == "greedy", temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                          seeds={a: 10**9 + a for a in adapters})
+            texts = self.tokenizer.batch_decode(ro.completion_ids * ro.completion_mask, skip_special_tokens=True)
+            scores = torch.tensor(self.task.score(rows, texts)).view(len(adapters), len(problems), n)
+            if mode == "greedy":
+                _, ent = self.token_logprobs(ro, ro.adapter_ids, entropy=True)
+                m = ro.completion_mask.float()
+                ent_row = ((ent * m).sum(-1) / m.sum(-1).clamp_min(1)).cpu().view(len(adapters), -1)
+                for i, a in enumerate(adapters):
+                    res[a]["pass@1"] = float(scores[i].mean())
+                    res[a]["entropy"] = float(ent_row[i].mean())
+            else:
+                from lora_engine.rewards import pass_at_k
+                for i, a in enumerate(adapters):
+                    c = (scores[i] > 0.5).sum(-1).tolist()
+                    res[a][f"avg@{n}"] = float(scores[i].mean())
+                    res[a][f"pass@{n}"] = sum(pass_at_k(n, ci, n) for ci in c) / len(c)
+        return res
 
     # -- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -261,6 +281,7 @@ class GRPOTrainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
+        t_start = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.out / "config.json")
         (self.out / "run.json").write_text(json.dumps(run_info(), indent=2))
@@ -273,8 +294,9 @@ class GRPOTrainer:
         summary_path = self.out / "summary.json"
         summary = json.loads(summary_path.read_text()) if resumed and summary_path.exists() else {}
         if "base" not in summary:
-            ev = self.evaluate([-1] + list(self.ids))
-            summary = {"base": ev[-1], "initial": {str(a): ev[a] for a in self.ids}, "eval": []}
+            ev = self.evaluate([-1] + list(self.ids), samples=cfg.eval_samples)
+            summary = {"base": ev[-1]["pass@1"], "base_eval": ev[-1],
+                       "initial": {str(a): ev[a] for a in self.ids}, "eval": []}
             summary_path.write_text(json.dumps(summary, indent=2))
         bar = tqdm(range(self.step_idx, cfg.steps), desc="GRPO", disable=not cfg.progress,
                    initial=self.step_idx, total=cfg.steps)
@@ -288,13 +310,14 @@ class GRPOTrainer:
                 bar.set_postfix({f"r{r['rank']}": f"{r['accuracy']:.2f}" for r in rows.values()})
                 if cfg.eval_every and self.step_idx % cfg.eval_every == 0 and self.step_idx < cfg.steps:
                     ev = self.evaluate()
-                    summary["eval"].append({"step": self.step_idx, **{str(a): v for a, v in ev.items()}})
+                    summary["eval"].append({"step": self.step_idx, **{str(a): v["pass@1"] for a, v in ev.items()}})
                 if cfg.checkpoint_every and self.step_idx % cfg.checkpoint_every == 0:
                     summary_path.write_text(json.dumps(summary, indent=2))
                     self.save_checkpoint()
-        final = self.evaluate()
+        final = self.evaluate(samples=cfg.eval_samples)
         summary["final"] = {str(a): v for a, v in final.items()}
         summary["tokens"] = {str(a): v for a, v in self.tokens.items()}
+        summary["wall_s"] = summary.get("wall_s", 0.0) + time.perf_counter() - t_start
         summary_path.write_text(json.dumps(summary, indent=2))
         if self.step_idx % max(cfg.checkpoint_every, 1) != 0 or not cfg.checkpoint_every:
             self.save_checkpoint()
@@ -305,7 +328,7 @@ class GRPOTrainer:
         print(f"\nheld-out greedy accuracy (base model: {summary['base']:.3f})")
         print(f"{'adapter':>8} {'rank':>5} {'initial':>8} {'final':>8} {'gain':>8} {'tokens':>10}")
         for i, spec in enumerate(self.cfg.adapters):
-            ini, fin = summary["initial"].get(str(i)), summary["final"].get(str(i))
+            ini, fin = summary["initial"][str(i)]["pass@1"], summary["final"][str(i)]["pass@1"]
             print(f"{i:>8} {spec.rank:>5} {ini:>8.3f} {fin:>8.3f} {fin - ini:>+8.3f} "
                   f"{summary['tokens'].get(str(i), 0):>10}")
 

@@ -1,0 +1,251 @@
+"""Sweeps: a grid over rank x batch size x seed x lr x method, packed into concurrent groups.
+
+A spec (TOML) has a ``[fixed]`` table of ``TrainConfig`` fields shared by every run, a ``[grid]``
+table of lists, and optional ``[packing]`` limits:
+
+    [fixed]
+    model = "tiny"
+    steps = 30
+    [grid]
+    rank = [1, 4, 16, 32]
+    prompts_per_step = [4, 8]        # batch size = prompts_per_step x samples_per_prompt
+    seed = [0, 1, 2]
+    lr = [2e-3]
+    method = ["lora"]
+    [packing]
+    max_adapters_per_group = 8
+    max_rows_per_step = 512          # sequences generated per step by one group
+    memory_budget_mb = 20000         # trainable state (weights, grads, AdamW) per group
+
+Every grid point is one *run* (one adapter). Runs that share everything but rank, seed, lr,
+method and prompts_per_step can share one base model and one batch: they are packed into
+groups (largest footprint first, first fit) under the limits. A group is one ``GRPOTrainer``;
+each of its adapters is recorded as its own run. A killed sweep resumes: finished runs are
+read back from disk, and an interrupted group resumes from its last checkpoint.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from lora_engine.config import TrainConfig, config_from_dict, tomllib
+
+GRID_KEYS = ("rank", "prompts_per_step", "seed", "lr", "method", "alpha")
+RESULT_FIELDS = ["run_id", "group", "rank", "alpha", "method", "lr", "seed", "prompts_per_step",
+                 "samples_per_prompt", "batch_size", "steps", "base_score", "final_score", "gain",
+                 "tokens", "trainable_params", "optimizer_bytes", "checkpoint_bytes", "entropy_initial",
+                 "entropy_final", "pass_at_k_base", "pass_at_k_final", "k", "wall_s", "status"]
+
+
+@dataclass(frozen=True)
+class Run:
+    rank: int
+    prompts_per_step: int
+    seed: int
+    lr: float
+    method: str
+    alpha: float
+
+    @property
+    def run_id(self) -> str:
+        return f"r{self.rank}_p{self.prompts_per_step}_lr{self.lr:g}_{self.method}_a{self.alpha:g}_s{self.seed}"
+
+
+@dataclass
+class SweepSpec:
+    fixed: dict
+    runs: list[Run]
+    max_adapters_per_group: int = 8
+    max_rows_per_step: int = 1024
+    memory_budget_mb: float = float("inf")
+    groups: list[list[Run]] = field(default_factory=list)
+
+
+def load_spec(path) -> SweepSpec:
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"sweep spec {path} does not exist: pass a TOML file such as examples/tiny_sweep.toml")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: invalid TOML ({e})") from None
+    return spec_from_dict(data)
+
+
+def spec_from_dict(data: dict) -> SweepSpec:
+    unknown = set(data) - {"fixed", "grid", "packing"}
+    if unknown:
+        raise ValueError(f"unknown sweep section(s) {sorted(unknown)}: use [fixed], [grid], [packing]")
+    fixed = dict(data.get("fixed", {}))
+    grid = dict(data.get("grid", {}))
+    bad = set(grid) - set(GRID_KEYS)
+    if bad:
+        raise ValueError(f"unknown grid key(s) {sorted(bad)}; grid keys: {GRID_KEYS}")
+    if "rank" not in grid:
+        raise ValueError("the grid needs a rank list, e.g. rank = [1, 4, 16]")
+    if "adapters" in fixed:
+        raise ValueError("[fixed] must not hold adapters: the grid defines them")
+    for k, v in grid.items():
+        if not isinstance(v, list) or not v:
+            raise ValueError(f"grid.{k} must be a non-empty list, got {v!r}")
+    defaults = {"prompts_per_step": [fixed.pop("prompts_per_step", 8)], "seed": [0],
+                "lr": [fixed.pop("lr", 1e-5)], "method": ["lora"], "alpha": [fixed.pop("alpha", 32.0)]}
+    axes = {k: grid.get(k, defaults.get(k)) for k in GRID_KEYS}
+    runs = [Run(rank=int(r), prompts_per_step=int(p), seed=int(s), lr=float(lr), method=str(m), alpha=float(a))
+            for r, p, s, lr, m, a in itertools.product(*(axes[k] for k in GRID_KEYS))]
+    # Validate every run as a config now, not an hour into the sweep.
+    for run in runs:
+        config_from_dict({**fixed, "adapters": [_adapter(run)]})
+    packing = dict(data.get("packing", {}))
+    bad = set(packing) - {"max_adapters_per_group", "max_rows_per_step", "memory_budget_mb"}
+    if bad:
+        raise ValueError(f"unknown packing key(s) {sorted(bad)}")
+    spec = SweepSpec(fixed=fixed, runs=runs, **packing)
+    spec.groups = pack(spec)
+    return spec
+
+
+def _adapter(run: Run) -> dict:
+    return {"rank": run.rank, "alpha": run.alpha, "seed": run.seed, "lr": run.lr, "method": run.method,
+            "name": run.run_id}
+
+
+def adapter_state_bytes(rank: int, module_dims: list[tuple[int, int]]) -> int:
+    """Trainable state of one LoRA adapter: fp32 weights + grads + 2 AdamW moments = 16 B/param."""
+    return 16 * rank * sum(k + n for k, n in module_dims)
+
+
+def pack(spec: SweepSpec, module_dims: list[tuple[int, int]] | None = None) -> list[list[Run]]:
+    """First-fit-decreasing packing of runs into groups under the spec's limits.
+
+    ``module_dims``: (in, out) of every adapted module, for the memory estimate; without it the
+    memory budget is not applied (the tiny default is far below any budget).
+    """
+    samples = int(spec.fixed.get("samples_per_prompt", 8))
+    groups: list[list[Run]] = []
+    loads: list[tuple[int, float]] = []
+    for run in sorted(spec.runs, key=lambda r: (-r.rank, -r.prompts_per_step, r.run_id)):
+        rows = run.prompts_per_step * samples
+        mem = adapter_state_bytes(run.rank, module_dims) / 2**20 if module_dims else 0.0
+        if rows > spec.max_rows_per_step:
+            raise ValueError(f"run {run.run_id} alone generates {rows} sequences per step > max_rows_per_step="
+                             f"{spec.max_rows_per_step}: raise the limit or lower prompts_per_step")
+        for g, (n_rows, n_mem) in enumerate(loads):
+            if (len(groups[g]) < spec.max_adapters_per_group and n_rows + rows <= spec.max_rows_per_step
+                    and n_mem + mem <= spec.memory_budget_mb):
+                groups[g].append(run)
+                loads[g] = (n_rows + rows, n_mem + mem)
+                break
+        else:
+            groups.append([run])
+            loads.append((rows, mem))
+    return groups
+
+
+def group_config(spec: SweepSpec, g: int, out_dir: Path) -> TrainConfig:
+    runs = spec.groups[g]
+    return config_from_dict({**spec.fixed, "adapters": [_adapter(r) for r in runs],
+                             "adapter_prompts_per_step": [r.prompts_per_step for r in runs],
+                             "output_dir": str(out_dir / "groups" / f"group_{g:03d}")})
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run_sweep(spec_path, out_dir, progress: bool = True, base=None, task=None) -> Path:
+    """Run (or resume) every group of the sweep; writes ``results.csv`` and the report.
+
+    ``base`` = (model, tokenizer) and ``task`` replace the spec's model and task (tests, notebooks).
+    """
+    from tqdm.auto import tqdm
+
+    from lora_engine.runinfo import run_info
+    from lora_engine.trainer import GRPOTrainer, load_base
+
+    spec = load_spec(spec_path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "spec.toml").write_text(Path(spec_path).read_text())
+    (out_dir / "run.json").write_text(json.dumps(run_info(), indent=2))
+    bar = tqdm(range(len(spec.groups)), desc="sweep groups", disable=not progress)
+    for g in bar:
+        runs = spec.groups[g]
+        if all((out_dir / "runs" / r.run_id / "result.json").exists() for r in runs):
+            continue
+        cfg = group_config(spec, g, out_dir)
+        if base is None:
+            base = load_base(cfg)  # one base model for the whole sweep, reloaded never
+        model, tokenizer = base
+        trainer = GRPOTrainer(cfg, model=model, tokenizer=tokenizer, task=task)
+        bar.set_postfix(group=g, adapters=len(runs))
+        summary = trainer.fit()
+        _record_group(out_dir, g, spec, cfg, trainer, summary)
+        # Unwrap the base so the next group starts from the plain model.
+        trainer.engine.detach()
+    write_results(out_dir)
+    from lora_engine.report import write_report
+    return write_report(out_dir)
+
+
+def _record_group(out_dir: Path, g: int, spec: SweepSpec, cfg: TrainConfig, trainer, summary: dict) -> None:
+    from lora_engine.runinfo import run_info
+
+    ckpt = trainer.out / "checkpoints" / (trainer.out / "checkpoints" / "latest").read_text().strip()
+    k = cfg.eval_samples
+    for i, run in enumerate(spec.groups[g]):
+        a = trainer.ids[i]
+        ini, fin = summary["initial"][str(a)], summary["final"][str(a)]
+        n_params = sum(p.numel() for p in trainer.engine.adapter_parameters(a))
+        row = {
+            "run_id": run.run_id, "group": g, "rank": run.rank, "alpha": run.alpha, "method": run.method,
+            "lr": run.lr, "seed": run.seed, "prompts_per_step": run.prompts_per_step,
+            "samples_per_prompt": cfg.samples_per_prompt,
+            "batch_size": run.prompts_per_step * cfg.samples_per_prompt, "steps": cfg.steps,
+            "base_score": summary["base"], "final_score": fin["pass@1"], "gain": fin["pass@1"] - summary["base"],
+            "tokens": summary["tokens"][str(a)], "trainable_params": n_params,
+            "optimizer_bytes": 8 * n_params,  # two fp32 AdamW moments
+            "checkpoint_bytes": _dir_bytes(ckpt / f"adapter_{a}"),
+            "entropy_initial": ini["entropy"], "entropy_final": fin["entropy"],
+            "pass_at_k_base": summary["base_eval"].get(f"pass@{k}", "") if k else "",
+            "pass_at_k_final": fin.get(f"pass@{k}", "") if k else "", "k": k or "",
+            "wall_s": summary.get("wall_s", ""), "status": "done",
+        }
+        run_dir = out_dir / "runs" / run.run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps({"run": row["run_id"], "seed": run.seed,
+                                                         "group_config": cfg.to_dict()}, indent=2, default=str))
+        (run_dir / "run.json").write_text(json.dumps(run_info(), indent=2))
+        tmp = run_dir / "result.json.tmp"
+        tmp.write_text(json.dumps(row, indent=2))
+        tmp.replace(run_dir / "result.json")
+
+
+def write_results(out_dir) -> Path:
+    """Collect every finished run's result.json into ``results.csv`` (one row per run)."""
+    out_dir = Path(out_dir)
+    rows = [json.loads(p.read_text()) for p in sorted((out_dir / "runs").glob("*/result.json"))]
+    path = out_dir / "results.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in RESULT_FIELDS})
+    return path
+
+
+# (in, out) of every linear layer of Qwen3-8B (36 layers; q/o 4096x4096, k/v 4096->1024,
+# gate/up 4096->12288, down 12288->4096): used to plan sweeps of the study at full scale.
+QWEN3_8B_MODULES = [(4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096),
+                    (4096, 12288), (4096, 12288), (12288, 4096)] * 36
+
+
+def describe(spec: SweepSpec, file=sys.stdout) -> None:
+    print(f"{len(spec.runs)} runs in {len(spec.groups)} concurrent groups", file=file)
+    for g, runs in enumerate(spec.groups):
+        ranks = sorted({r.rank for r in runs})
+        print(f"  group {g}: {len(runs)} adapters, ranks {ranks}", file=file)

@@ -1,0 +1,125 @@
+"""Sweep spec validation, packing, and resume without redoing finished runs."""
+import csv
+
+import pytest
+
+from lora_engine import sweep
+from lora_engine.sweep import load_spec, pack, spec_from_dict
+from lora_engine.tiny import build_tokenizer
+from test_trainer import DistinctCharsTask, _model
+
+FIXED = {"steps": 1, "samples_per_prompt": 2, "max_new_tokens": 3, "eval_problems": 4, "progress": False,
+         "checkpoint_every": 1}
+
+
+def test_grid_expands_and_packs_under_limits():
+    spec = spec_from_dict({"fixed": FIXED, "grid": {"rank": [1, 4, 16], "prompts_per_step": [2, 4], "seed": [0, 1, 2]},
+                           "packing": {"max_adapters_per_group": 5, "max_rows_per_step": 20}})
+    assert len(spec.runs) == 18
+    assert sorted(r.run_id for g in spec.groups for r in g) == sorted(r.run_id for r in spec.runs)
+    for g in spec.groups:
+        assert len(g) <= 5
+        assert sum(r.prompts_per_step * 2 for r in g) <= 20
+    assert len({r.prompts_per_step for g in spec.groups for r in g}) == 2
+
+
+def test_memory_budget_limits_group():
+    spec = spec_from_dict({"fixed": FIXED, "grid": {"rank": [8, 8, 8]}, "packing": {"memory_budget_mb": 1.0}})
+    dims = [(1024, 1024)] * 4  # rank 8: 16 B x 8 x 8192 = 1 MiB per adapter
+    groups = pack(spec, module_dims=dims)
+    assert [len(g) for g in groups] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("data,match", [
+    pytest.param({"grid": {}}, "needs a rank", id="no-rank"),
+    pytest.param({"grid": {"rank": 4}}, "non-empty list", id="scalar"),
+    pytest.param({"grid": {"rank": [4], "batch": [2]}}, "unknown grid key", id="typo"),
+    pytest.param({"grid": {"rank": [0]}}, "rank must be", id="rank0"),
+    pytest.param({"fixed": {"loss_type": "x"}, "grid": {"rank": [1]}}, "loss_type", id="bad-fixed"),
+    pytest.param({"grid": {"rank": [1]}, "runs": {}}, "unknown sweep section", id="section"),
+    pytest.param({"grid": {"rank": [1], "prompts_per_step": [100]}, "packing": {"max_rows_per_step": 10}},
+                 "max_rows_per_step", id="too-many-rows"),
+])
+def test_spec_errors(data, match):
+    with pytest.raises(ValueError, match=match):
+        spec_from_dict(data)
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_spec(tmp_path / "nope.toml")
+
+
+def _write_spec(tmp_path):
+    p = tmp_path / "spec.toml"
+    p.write_text("""
+[fixed]
+steps = 1
+samples_per_prompt = 2
+max_new_tokens = 3
+eval_problems = 4
+eval_samples = 2
+checkpoint_every = 1
+progress = false
+[grid]
+rank = [1, 2]
+seed = [0, 1]
+prompts_per_step = [1]
+lr = [0.01]
+[packing]
+max_adapters_per_group = 2
+""")
+    return p
+
+
+def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, monkeypatch):
+    tok = build_tokenizer()
+    spec_path = _write_spec(tmp_path)
+    out = tmp_path / "out"
+    calls = []
+    real_fit = sweep_fit = None
+    from lora_engine.trainer import GRPOTrainer
+    real_fit = GRPOTrainer.fit
+
+    def crashing_fit(self):
+        calls.append(self.cfg.output_dir)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_fit(self)
+
+    monkeypatch.setattr(GRPOTrainer, "fit", crashing_fit)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(spec_path, out, progress=False, base=(_model(tok), tok), task=DistinctCharsTask())
+    done_first = sorted(p.parent.name for p in (out / "runs").glob("*/result.json"))
+    assert len(done_first) == 2
+
+    calls.clear()
+    monkeypatch.setattr(GRPOTrainer, "fit", lambda self: (calls.append(self.cfg.output_dir), real_fit(self))[1])
+    sweep.run_sweep(spec_path, out, progress=False, base=(_model(tok), tok), task=DistinctCharsTask())
+    assert len(calls) == 1, "only the unfinished group runs again"
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 4 and all(r["status"] == "done" for r in rows)
+    for r in rows:
+        assert float(r["gain"]) == pytest.approx(float(r["final_score"]) - float(r["base_score"]))
+        assert int(r["tokens"]) > 0 and int(r["trainable_params"]) > 0
+        assert (out / "runs" / r["run_id"] / "config.json").exists()
+        assert (out / "runs" / r["run_id"] / "run.json").exists()
+    assert (out / "report.md").exists()
+
+
+def test_full_scale_study_spec_groups_under_memory_budget():
+    from pathlib import Path
+
+    from lora_engine.sweep import QWEN3_8B_MODULES, adapter_state_bytes
+
+    spec = load_spec(Path(__file__).parents[1] / "examples/studies/rank_batch_seed_qwen3_8b.toml")
+    assert len(spec.runs) == 216
+    # 16 B/param x r x 2,727,936 params per unit of rank on Qwen3-8B's 252 linear layers.
+    assert adapter_state_bytes(1, QWEN3_8B_MODULES) == 16 * 2_727_936
+    groups = pack(spec, module_dims=QWEN3_8B_MODULES)
+    assert sorted(r.run_id for g in groups for r in g) == sorted(r.run_id for r in spec.runs)
+    for g in groups:
+        mem = sum(adapter_state_bytes(r.rank, QWEN3_8B_MODULES) for r in g) / 2**20
+        assert mem <= spec.memory_budget_mb or len(g) == 1
+        assert sum(r.prompts_per_step * 8 for r in g) <= spec.max_rows_per_step
+    assert len(groups) < 216 / 4, "concurrency must cut the number of base-model passes by > 4x"
