@@ -66,3 +66,48 @@ def policy_loss(logp, old_logp, advantages, mask, adapter_ids, ref_logp=None,
     return fn(logp, old_logp, advantages, mask, adapter_ids, ref_logp=ref_logp,
               loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, delta=delta,
               beta=beta, importance_level=importance_level, num_adapters=num_adapters)
+
+
+# --- fused: hidden states -> policy loss -------------------------------------------------
+
+def fused_policy_loss_from_hidden(hidden, lm_head_weight, targets, old_logp, advantages, mask,
+                                  adapter_ids, ref_logp=None, loss_type="dapo", eps_low=0.2,
+                                  eps_high=0.2, delta=None, beta=0.0, importance_level="token",
+                                  num_adapters=None, temperature=1.0):
+    """Per-adapter policy loss straight from the final hidden states, no logits stored.
+
+    ``token_logprobs`` then ``policy_loss``. On the Triton path the forward keeps two fp32
+    numbers per token for the backward (row max and log-sum-exp of the logits), never the
+    [B, L, V] logits, and the backward goes loss -> dlogp -> dhidden by recomputing logits in
+    vocabulary tiles (the CPU reference path does hold the logits). Only
+    tokens with ``mask != 0`` go through the LM head, so padding costs no GEMM (and padded
+    positions may hold any target id).
+
+    Args:
+        hidden: [B, L, d] fp16/bf16/fp32 hidden states; ``hidden[b, l]`` predicts ``targets[b, l]``.
+        lm_head_weight: [V, d], hidden's dtype, frozen (must not require grad).
+        targets: [B, L] integer token ids, in [0, V) wherever ``mask != 0``.
+        old_logp, advantages, mask, adapter_ids, ref_logp, loss_type, eps_low, eps_high, delta,
+        beta, importance_level, num_adapters: as in ``policy_loss`` ([B, L] / [B]).
+        temperature: float > 0 dividing the logits (the sampling temperature).
+
+    Returns:
+        ``(losses [A] fp32, metrics)`` as ``policy_loss``; ``losses.sum().backward()`` fills
+        ``hidden.grad`` ([B, L, d], hidden's dtype).
+    """
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        raise ValueError("hidden must be [B, L, d]; reshape the completion hidden states")
+    B, L, d = hidden.shape
+    for name, t in (("targets", targets), ("mask", mask), ("old_logp", old_logp)):
+        if not isinstance(t, torch.Tensor) or t.shape != (B, L):
+            raise ValueError(f"{name} must be [B, L]=[{B}, {L}] like hidden's first two dims, got "
+                             f"{getattr(t, 'shape', type(t))}")
+    keep = (mask != 0).reshape(-1)
+    idx = keep.nonzero().squeeze(1)
+    logp_kept = token_logprobs(hidden.reshape(-1, d).index_select(0, idx), lm_head_weight,
+                               targets.reshape(-1).index_select(0, idx), temperature=temperature)
+    # Masked-out positions hold 0: the policy loss reads them as log-ratio 0 and weight 0.
+    logp = logp_kept.new_zeros(B * L).index_put((idx,), logp_kept).view(B, L)
+    return policy_loss(logp, old_logp, advantages, mask, adapter_ids, ref_logp=ref_logp,
+                       loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, delta=delta,
+                       beta=beta, importance_level=importance_level, num_adapters=num_adapters)

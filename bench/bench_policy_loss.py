@@ -1,0 +1,115 @@
+"""Benchmark: per-adapter clipped-surrogate policy loss + k3 KL, forward and forward + backward.
+
+Providers:
+  naive          ``policy_loss_naive``: the reference, one TRL-style loss per adapter (boolean
+                 row selection per adapter, so A passes over the batch).
+  torch_compile  a vectorised plain-PyTorch version (one-hot adapter matrix, no per-adapter
+                 loop, no host syncs) under ``torch.compile``: the best a PyTorch user gets.
+  triton         ``policy_loss_triton`` (GPU only: the CPU interpreter is not a benchmark).
+  (No peer: Liger's GRPO loss takes logits, not log-probs, and has no per-adapter aggregation.)
+
+Metrics: fwd_ms, fwd_bwd_ms, peak_mb (CUDA only) and gbps. The op is memory bound; the bytes a
+fused forward + backward must move are: forward reads logp, old_logp, ref_logp, mask; the
+backward reads them again and writes dlogp:
+``bytes = B * L * (2 * (e_logp + e_old + e_ref + e_mask) + e_logp)``, e_* the element sizes.
+
+    python bench/bench_policy_loss.py                   # GPU: B=256 L=4096 A=8
+    python bench/bench_policy_loss.py --csv /tmp/r.csv  # CPU: B=64 L=512 A=4
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CSV_PATH, append_rows, bench_ms, peak_memory_mb  # noqa: E402
+
+from lora_engine.kernels.policy_loss import policy_loss_naive, policy_loss_triton  # noqa: E402
+
+EPS_LOW, EPS_HIGH, BETA = 0.2, 0.28, 0.04
+
+
+def vectorised_dapo(logp, old, adv, mask, ids, ref, A: int):
+    """DAPO loss + k3 KL per adapter without a per-adapter loop (token-level ratio)."""
+    m = mask.float()
+    on = m != 0
+    lp = logp.float()
+    r = torch.exp(torch.where(on, lp - old, torch.zeros_like(lp)))
+    a = adv[:, None]
+    loss_tok = -torch.minimum(r * a, r.clamp(1 - EPS_LOW, 1 + EPS_HIGH) * a)
+    diff = torch.where(on, ref - lp, torch.zeros_like(lp))
+    loss_tok = loss_tok + BETA * (torch.exp(diff) - diff - 1)
+    onehot = torch.nn.functional.one_hot(ids, A).float()  # [B, A]
+    return (onehot.t() @ (loss_tok * m).sum(1)) / (onehot.t() @ m.sum(1)).clamp(min=1.0)
+
+
+def providers(cuda: bool, A: int) -> dict:
+    kw = dict(loss_type="dapo", eps_low=EPS_LOW, eps_high=EPS_HIGH, beta=BETA, num_adapters=A)
+    compiled = torch.compile(vectorised_dapo)
+    out = {
+        "naive": lambda lp, old, adv, m, ids, ref: policy_loss_naive(
+            lp, old, adv, m, ids, ref_logp=ref, **kw)[0],
+        "torch_compile": lambda lp, old, adv, m, ids, ref: compiled(lp, old, adv, m, ids, ref, A),
+    }
+    if cuda:
+        out["triton"] = lambda lp, old, adv, m, ids, ref: policy_loss_triton(
+            lp, old, adv, m, ids, ref_logp=ref, **kw)[0]
+    return out
+
+
+def main() -> None:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--B", type=int, default=256 if cuda else 64)
+    p.add_argument("--L", type=int, default=4096 if cuda else 512)
+    p.add_argument("--A", type=int, default=8 if cuda else 4)
+    p.add_argument("--providers", default="", help="comma list; default: all available")
+    p.add_argument("--csv", type=Path, default=CSV_PATH)
+    args = p.parse_args()
+
+    B, L, A = args.B, args.L, args.A
+    dev = "cuda" if cuda else "cpu"
+    g = torch.Generator(device=dev).manual_seed(0)
+    logp = torch.randn(B, L, device=dev, generator=g) * 0.5 - 2.0
+    old = logp + 0.3 * torch.randn(B, L, device=dev, generator=g)
+    ref = logp + 0.3 * torch.randn(B, L, device=dev, generator=g)
+    mask = torch.rand(B, L, device=dev, generator=g) > 0.2
+    adv = torch.randn(B, device=dev, generator=g)
+    ids = torch.randint(0, A, (B,), device=dev, generator=g)
+    grad = torch.randn(A, device=dev, generator=g)
+    shape = f"B={B},L={L},A={A},fp32"
+    mask_f = mask.float()
+    n_bytes = B * L * (2 * (logp.element_size() + old.element_size() + ref.element_size()
+                            + mask_f.element_size()) + logp.element_size())
+
+    wanted = [s for s in args.providers.split(",") if s]
+    rows = []
+    print(shape)
+    for name, fn in providers(cuda, A).items():
+        if wanted and name not in wanted:
+            continue
+        x = logp.detach().requires_grad_()
+
+        def fwd():
+            return fn(x, old, adv, mask_f, ids, ref)
+
+        def fwd_bwd():
+            fn(x, old, adv, mask_f, ids, ref).backward(grad)
+            x.grad = None
+
+        fwd_ms = bench_ms(fwd)
+        fb_ms = bench_ms(fwd_bwd)
+        peak = peak_memory_mb(fwd_bwd)
+        metrics = dict(fwd_ms=fwd_ms, fwd_bwd_ms=fb_ms, peak_mb=peak, gbps=n_bytes / (fb_ms * 1e-3) / 1e9)
+        print(f"  {name:14s} fwd {fwd_ms:8.3f} ms  fwd+bwd {fb_ms:8.3f} ms  peak {peak:8.1f} MiB  "
+              f"{metrics['gbps']:8.1f} GB/s")
+        rows += [dict(op="policy_loss", provider=name, shape=shape, metric=k, value=v)
+                 for k, v in metrics.items()]
+    append_rows(rows, args.csv)
+
+
+if __name__ == "__main__":
+    main()
