@@ -1,14 +1,17 @@
 """Adapter specifications and the bank that holds every adapter's weights.
 
-``AdapterSpec`` is one adapter's recipe: rank, scaling, init, seed, target modules and its own
-optimiser settings. ``AdapterBank`` keeps each adapter's A/B tensors as its own parameters
-(so an adapter's optimiser state never moves when others are added or removed) and hands each
-module a packed view in layout order at forward time. Packing costs one copy of the adapter
-weights per module per forward, sum R * (K + N) elements: for 16 adapters of ranks 1..256 on a
-4096x4096 projection that is ~4 M elements, against 16384*4096*4096 MACs for the base GEMM.
+``AdapterSpec`` is one adapter's recipe: PEFT method, rank (per module with ``rank_pattern``),
+scaling, init, seed, target modules and layers, and its own optimiser settings. ``AdapterBank``
+keeps each adapter's tensors as its own parameters (so an adapter's optimiser state never
+moves when others are added or removed) and hands each module a packed view in layout order at
+forward time; how each method makes, packs and exports its tensors is in ``methods.py``.
+Packing costs one copy of the adapter weights per module per forward, sum R * (K + N)
+elements: for 16 adapters of ranks 1..256 on a 4096x4096 projection that is ~4 M elements,
+against 16384*4096*4096 MACs for the base GEMM.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -16,27 +19,39 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from lora_engine import methods
 from lora_engine.kernels.lora import LoRALayout
+from lora_engine.methods import METHODS
 
 SCALINGS = ("lora", "rslora")
 INITS = ("default", "gaussian")
-METHODS = ("lora",)
+# target_modules groups: a module belongs to one when its parent module has one of these names.
+TARGET_GROUPS = {"attention": ("self_attn", "attn", "attention", "self_attention"),
+                 "mlp": ("mlp", "feed_forward", "ffn")}
 
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """One LoRA adapter.
+    """One adapter.
 
     Args:
-        rank: r >= 1 (at most min(in, out) features of every targeted module).
+        rank: r >= 1 (at most min(in, out) features of every targeted module; PiSSA/MiLoRA at
+            most half of it). Ignored by ``method="full"``.
         alpha: LoRA alpha; the update is scaled by alpha/r (``lora``) or alpha/sqrt(r) (``rslora``).
-        scaling: ``"lora"`` or ``"rslora"``.
+        scaling: ``"lora"`` or ``"rslora"`` (``method="rslora"`` sets it).
         seed: seeds this adapter's init (and, in the trainer, its sampling), independently of others.
         init: ``"default"`` (PEFT's: A kaiming-uniform, B zero) or ``"gaussian"`` (A ~ N(0, 1/r), B zero).
-        target_modules: None (the engine's targets), ``"all-linear"``, or module-name suffixes.
-        lr, weight_decay, lora_plus_ratio: this adapter's optimiser settings (B's lr = lr * ratio).
-        method: PEFT method; ``"lora"`` here.
+        target_modules: None (the engine's targets), ``"all-linear"``, ``"attention"``, ``"mlp"``,
+            module-name suffixes (``("q_proj", "v_proj")``) or a regex matched against full names.
+        lr, weight_decay, lora_plus_ratio: this adapter's optimiser settings (B's lr = lr * ratio;
+            ratio defaults to 16 for ``method="lora_plus"``, 1 otherwise).
+        method: one of ``methods.METHODS``: lora, rslora, lora_plus, lora_fa, dora, pissa,
+            milora, vera, full (see ``lora_engine.methods``).
         name: optional label for logs and checkpoints.
+        rank_pattern, alpha_pattern: PEFT's per-module overrides, ``{key: rank}`` / ``{key: alpha}``;
+            key k applies to modules whose name matches ``(.*\\.)?(k)$`` (first match wins).
+        layers: only modules of these layer indices (PEFT's ``layers_to_transform``).
+        projection_prng_key, d_initial: VeRA's shared-projection seed and the init of d (PEFT's names).
     """
 
     rank: int
@@ -47,9 +62,14 @@ class AdapterSpec:
     target_modules: str | tuple[str, ...] | None = None
     lr: float = 1e-5
     weight_decay: float = 0.0
-    lora_plus_ratio: float = 1.0
+    lora_plus_ratio: float | None = None
     method: str = "lora"
     name: str | None = None
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
+    layers: tuple[int, ...] | None = None
+    projection_prng_key: int = 0
+    d_initial: float = 0.1
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -62,25 +82,93 @@ class AdapterSpec:
             raise ValueError(f"AdapterSpec.init must be one of {INITS}, got {self.init!r}")
         if self.method not in METHODS:
             raise ValueError(f"AdapterSpec.method must be one of {METHODS}, got {self.method!r}")
+        if self.method == "rslora":
+            object.__setattr__(self, "scaling", "rslora")
+        if self.lora_plus_ratio is None:
+            ratio = methods.LORA_PLUS_RATIO if self.method == "lora_plus" else 1.0
+            object.__setattr__(self, "lora_plus_ratio", ratio)
         if not self.alpha > 0:
             raise ValueError(f"AdapterSpec.alpha must be > 0, got {self.alpha}")
         if not self.lr >= 0 or not self.lora_plus_ratio > 0 or not self.weight_decay >= 0:
             raise ValueError("AdapterSpec: lr and weight_decay must be >= 0 and lora_plus_ratio > 0")
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        self._check_patterns()
+        if self.layers is not None:
+            layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
+            if not layers or any(not isinstance(x, int) or x < 0 for x in layers):
+                raise ValueError(f"AdapterSpec.layers must be layer indices >= 0, got {self.layers!r}: "
+                                 "e.g. layers=(0, 1), or None for every layer")
+            object.__setattr__(self, "layers", layers)
+        if not self.d_initial > 0 or not isinstance(self.projection_prng_key, int):
+            raise ValueError("AdapterSpec: d_initial must be > 0 and projection_prng_key an int")
+
+    def _check_patterns(self):
+        for attr, kind in (("rank_pattern", int), ("alpha_pattern", float)):
+            pat = getattr(self, attr)
+            if pat is None:
+                continue
+            if not isinstance(pat, dict):
+                raise ValueError(f"AdapterSpec.{attr} must be a dict {{module key: value}}, got {type(pat).__name__}")
+            if pat and self.method in ("vera", "full"):
+                raise ValueError(f"AdapterSpec.{attr} does not apply to method {self.method!r}: VeRA shares one "
+                                 "rank-r projection across modules and full fine-tuning has no rank; drop it")
+            for k, v in pat.items():
+                try:
+                    re.compile(k)
+                except re.error as e:
+                    raise ValueError(f"AdapterSpec.{attr} key {k!r} is not a valid regex ({e})") from None
+                ok = (isinstance(v, int) and 1 <= v <= 4096) if kind is int else (isinstance(v, (int, float)) and v > 0)
+                if not ok:
+                    raise ValueError(f"AdapterSpec.{attr}[{k!r}] = {v!r}: ranks must be ints in [1, 4096], "
+                                     "alphas > 0")
+            object.__setattr__(self, attr, dict(pat))
+
+    def __hash__(self):
+        # The pattern dicts make the generated field hash fail; hash the canonical form instead.
+        return hash(json.dumps(self.to_dict(), sort_keys=True, default=str))
+
+    def rank_for(self, module: str) -> int:
+        """The rank of this adapter on ``module`` (``rank_pattern`` first, then ``rank``)."""
+        key = methods.pattern_key(self.rank_pattern, module)
+        return self.rank_pattern[key] if key is not None else self.rank
+
+    def alpha_for(self, module: str) -> float:
+        key = methods.pattern_key(self.alpha_pattern, module)
+        return float(self.alpha_pattern[key]) if key is not None else self.alpha
+
+    def scale_for(self, module: str) -> float:
+        """s on ``module``: alpha/r or alpha/sqrt(r) with that module's rank and alpha; 1 for VeRA/full."""
+        if self.method in ("vera", "full"):
+            return 1.0
+        r, a = self.rank_for(module), self.alpha_for(module)
+        return a / (math.sqrt(r) if self.scaling == "rslora" else r)
 
     @property
     def scale(self) -> float:
+        """s of the modules without a pattern override."""
+        if self.method in ("vera", "full"):
+            return 1.0
         return self.alpha / (math.sqrt(self.rank) if self.scaling == "rslora" else self.rank)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def layer_index(module_name: str) -> int | None:
+    """PEFT's layer index: the first numbered path segment (``model.layers.3.mlp.up_proj`` -> 3)."""
+    m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_name)
+    return int(m.group("idx")) if m else None
+
+
 def matches(module_name: str, targets) -> bool:
-    """PEFT-style matching: ``"all-linear"`` matches every module given; a list matches by name suffix."""
+    """PEFT-style matching: ``"all-linear"`` matches every module given; ``"attention"``/``"mlp"`` by
+    parent module name; another string is a regex on the full name; a list matches by name suffix."""
     if targets == "all-linear":
         return True
+    if isinstance(targets, str) and targets in TARGET_GROUPS:
+        parent = module_name.split(".")[-2] if "." in module_name else ""
+        return parent in TARGET_GROUPS[targets]
     if isinstance(targets, str):
         return re.fullmatch(targets, module_name) is not None
     return any(module_name == t or module_name.endswith("." + t) for t in targets)
@@ -96,33 +184,71 @@ class _ModuleInfo:
     in_features: int
     out_features: int
     device: torch.device
-    layout: LoRALayout | None = field(default=None)
+    weight: torch.Tensor | None = None
+    plan: "_Plan | None" = field(default=None)
+    w_sq: tuple | None = field(default=None)  # ((device, dtype, data_ptr) of W, ||W_n||^2)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one module does for the current adapters: the kernel layout, the slots present, DoRA
+    slots (flags per slot for the epilogue) and full fine-tuning slots."""
+
+    layout: LoRALayout
+    present: tuple[int, ...]
+    dora: tuple[bool, ...]
+    full: tuple[int, ...]
+
+
+class _AdapterWeights(nn.Module):
+    """One adapter's tensors: one ParameterDict per kind (``lora_A``, ``lora_B``, ...), keyed by module."""
+
+    def __init__(self, kinds: tuple[str, ...]):
+        super().__init__()
+        self.kinds = kinds
+        for kind in kinds:
+            setattr(self, kind, nn.ParameterDict())
 
 
 class AdapterBank(nn.Module):
     """Every adapter's weights, per targeted module, with stable integer ids.
 
-    Adapter ``i`` owns ``adapters[str(i)].lora_A[key]`` ([r, K]) and ``lora_B[key]`` ([N, r]) for
-    each module it targets. Removed ids stay unused (their rank is 0 everywhere), so the ids of
-    the other adapters and their optimiser states never change.
+    Adapter ``i`` owns ``adapters[str(i)].<kind>[key]`` for each module it targets, the kinds
+    of its method (``methods.KINDS``: plain LoRA has ``lora_A`` [r, K] and ``lora_B`` [N, r]).
+    Frozen tensors (LoRA-FA's A, PiSSA's init copies) are parameters with requires_grad=False,
+    so checkpoints save them. Removed ids stay unused (their rank is 0 everywhere), so the ids
+    of the other adapters and their optimiser states never change.
     """
 
     def __init__(self, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.adapters = nn.ModuleDict()
+        self.shared = nn.Module()  # VeRA projections, buffers shared by adapters
         self.specs: dict[int, AdapterSpec] = {}
         self.modules_info: dict[str, _ModuleInfo] = {}
         self.default_targets = "all-linear"
         self.dtype = dtype
         self.next_id = 0
+        self._targets: dict[int, list[str]] = {}
+        self._vera: dict[int, str] = {}
 
     # -- registry ------------------------------------------------------------------------
-    def register_module_info(self, name: str, in_features: int, out_features: int, device) -> None:
-        self.modules_info[name] = _ModuleInfo(in_features, out_features, torch.device(device))
+    def register_module_info(self, name: str, in_features: int, out_features: int, device,
+                             weight: torch.Tensor | None = None) -> None:
+        """``weight`` ([N, K], frozen) is needed by the methods that read W: DoRA, PiSSA, MiLoRA."""
+        self.modules_info[name] = _ModuleInfo(in_features, out_features, torch.device(device), weight)
 
     def targets_of(self, spec: AdapterSpec) -> list[str]:
         targets = spec.target_modules if spec.target_modules is not None else self.default_targets
-        return [n for n in self.modules_info if matches(n, targets)]
+        names = [n for n in self.modules_info if matches(n, targets)]
+        if spec.layers is not None:
+            names = [n for n in names if layer_index(n) in spec.layers]
+        return names
+
+    def modules_of(self, i: int) -> list[str]:
+        """The modules adapter ``i`` adapts, sorted."""
+        self._check_id(i)
+        return list(self._targets[i])
 
     @property
     def num_slots(self) -> int:
@@ -132,92 +258,168 @@ class AdapterBank(nn.Module):
     def ids(self) -> list[int]:
         return sorted(self.specs)
 
+    def _check_id(self, i: int) -> None:
+        if i not in self.specs:
+            raise ValueError(f"no adapter with id {i}; present: {self.ids()}")
+
     # -- add / remove --------------------------------------------------------------------
     def add(self, spec: AdapterSpec) -> int:
-        names = self.targets_of(spec)
+        names = sorted(self.targets_of(spec))
         if not names:
-            raise ValueError(f"adapter targets {spec.target_modules!r} match no wrapped module; wrapped: "
-                             f"{list(self.modules_info)[:6]}...: pass names that end one of these")
+            raise ValueError(f"adapter targets {spec.target_modules!r} (layers {spec.layers}) match no wrapped "
+                             f"module; wrapped: {list(self.modules_info)[:6]}...: pass names that end one of these")
+        for attr in ("rank_pattern", "alpha_pattern"):
+            unused = [k for k in getattr(spec, attr) or {} if not any(methods.pattern_key([k], n) for n in names)]
+            if unused:
+                raise ValueError(f"{attr} key(s) {unused} match none of the adapter's modules (e.g. {names[0]}): "
+                                 "use a module-name suffix such as 'q_proj' or 'layers.0.mlp.down_proj'")
         for n in names:
             info = self.modules_info[n]
-            if spec.rank > min(info.in_features, info.out_features):
-                raise ValueError(f"rank {spec.rank} exceeds min(in={info.in_features}, out={info.out_features}) "
-                                 f"of module {n}: choose rank <= {min(info.in_features, info.out_features)}")
-        gen = torch.Generator().manual_seed(spec.seed)
-        mod = nn.Module()
-        mod.lora_A = nn.ParameterDict()
-        mod.lora_B = nn.ParameterDict()
-        for n in sorted(names):
-            info = self.modules_info[n]
-            a = torch.empty(spec.rank, info.in_features)
-            if spec.init == "default":
-                # kaiming_uniform_(a=sqrt(5)) on [r, K] is U(-1/sqrt(K), 1/sqrt(K)), as nn.Linear and PEFT do.
-                bound = 1.0 / math.sqrt(info.in_features)
-                a.uniform_(-bound, bound, generator=gen)
-            else:
-                a.normal_(0.0, 1.0 / spec.rank, generator=gen)
-            b = torch.zeros(info.out_features, spec.rank)
-            mod.lora_A[_key(n)] = nn.Parameter(a.to(info.device, self.dtype))
-            mod.lora_B[_key(n)] = nn.Parameter(b.to(info.device, self.dtype))
+            limit = min(info.in_features, info.out_features)
+            half = spec.method in methods.SVD_METHODS
+            if half:
+                # The frozen init rides along as a second rank-r pair: 2r rows in the kernel.
+                limit //= 2
+            if spec.method != "full" and spec.rank_for(n) > limit:
+                raise ValueError(f"rank {spec.rank_for(n)} exceeds min(in={info.in_features}, "
+                                 f"out={info.out_features}){' / 2' if half else ''} of module {n} "
+                                 f"(method {spec.method}): choose rank <= {limit}")
         i = self.next_id
+        vera = self._vera_projection(spec, names) if spec.method == "vera" else None
+        gen = torch.Generator().manual_seed(spec.seed)
+        mod = _AdapterWeights(methods.KINDS[spec.method])
+        for n in names:
+            info = self.modules_info[n]
+            tensors = methods.init_tensors(spec, n, info.in_features, info.out_features, info.weight, gen)
+            for kind, t in tensors.items():
+                getattr(mod, kind)[_key(n)] = nn.Parameter(
+                    t.to(info.device, self.dtype), requires_grad=methods.is_trainable(spec.method, kind))
         self.adapters[str(i)] = mod
         self.specs[i] = spec
+        self._targets[i] = names
+        if vera is not None:
+            self._vera[i] = vera
         self.next_id += 1
         self._invalidate()
         return i
 
+    def _vera_projection(self, spec: AdapterSpec, names: list[str]) -> str:
+        # As PEFT: one projection pair sized to the largest targeted module, sliced per module.
+        n_max = max(self.modules_info[n].out_features for n in names)
+        k_max = max(self.modules_info[n].in_features for n in names)
+        name = f"vera_r{spec.rank}_key{spec.projection_prng_key}_{n_max}x{k_max}"
+        if not hasattr(self.shared, name + "_A"):
+            a, b = methods.vera_projections(spec.rank, spec.projection_prng_key, n_max, k_max)
+            dev = self.modules_info[names[0]].device
+            self.shared.register_buffer(name + "_A", a.to(dev, self.dtype), persistent=False)
+            self.shared.register_buffer(name + "_B", b.to(dev, self.dtype), persistent=False)
+        return name
+
     def remove(self, i: int) -> None:
-        if i not in self.specs:
-            raise ValueError(f"no adapter with id {i}; present: {self.ids()}")
+        self._check_id(i)
         del self.adapters[str(i)]
         del self.specs[i]
+        del self._targets[i]
+        self._vera.pop(i, None)
         self._invalidate()
 
     def _invalidate(self):
         for info in self.modules_info.values():
-            info.layout = None
+            info.plan = None
 
     # -- access --------------------------------------------------------------------------
     def parameters_of(self, i: int) -> list[nn.Parameter]:
-        if i not in self.specs:
-            raise ValueError(f"no adapter with id {i}; present: {self.ids()}")
-        mod = self.adapters[str(i)]
-        return list(mod.lora_A.values()) + list(mod.lora_B.values())
+        """Adapter ``i``'s trainable tensors (frozen ones, e.g. LoRA-FA's A, are left out)."""
+        return [p for p in self.named_parameters_of(i).values() if p.requires_grad]
 
     def named_parameters_of(self, i: int) -> dict[str, nn.Parameter]:
-        """{"<module>.lora_A": A, "<module>.lora_B": B} for adapter i, module names with dots."""
+        """{"<module>.<kind>": tensor} for adapter i, frozen ones included (checkpoints save them).
+
+        Kinds per method in ``methods.KINDS``; plain LoRA gives "<module>.lora_A" and "<module>.lora_B".
+        """
+        self._check_id(i)
         mod = self.adapters[str(i)]
-        out = {}
-        for k, p in mod.lora_A.items():
-            out[k.replace("__", ".") + ".lora_A"] = p
-        for k, p in mod.lora_B.items():
-            out[k.replace("__", ".") + ".lora_B"] = p
-        return out
+        return {k.replace("__", ".") + "." + kind: p
+                for kind in mod.kinds for k, p in getattr(mod, kind).items()}
+
+    def tensors(self, i: int, name: str) -> dict[str, nn.Parameter]:
+        """{kind: tensor} of adapter ``i`` on module ``name``."""
+        mod = self.adapters[str(i)]
+        k = _key(name)
+        return {kind: getattr(mod, kind)[k] for kind in mod.kinds}
+
+    def vera_of(self, i: int):
+        """(A_v [r, K_max], B_v [N_max, r]) shared projections of VeRA adapter ``i``, else None."""
+        name = self._vera.get(i)
+        return None if name is None else (getattr(self.shared, name + "_A"), getattr(self.shared, name + "_B"))
+
+    def plan(self, name: str) -> _Plan:
+        """Ranks/scales of all slots on module ``name`` (rank 0 where an adapter is absent), and
+        which slots need the DoRA epilogue or a dense full fine-tuning term; cached."""
+        info = self.modules_info[name]
+        if info.plan is None:
+            ranks, scales, present, dora, full = [], [], [], [], []
+            for i in range(self.next_id):
+                spec = self.specs.get(i)
+                on = spec is not None and name in self._targets[i]
+                ranks.append(methods.kernel_rank(spec, name) if on else 0)
+                scales.append(spec.scale_for(name) if on else 0.0)
+                dora.append(on and spec.method == "dora")
+                if on:
+                    present.append(i)
+                    if spec.method == "full":
+                        full.append(i)
+            info.plan = _Plan(LoRALayout(ranks, scales), tuple(present), tuple(dora), tuple(full))
+        return info.plan
 
     def layout(self, name: str) -> LoRALayout:
         """Ranks/scales of all slots on module ``name`` (rank 0 where an adapter is absent)."""
-        info = self.modules_info[name]
-        if info.layout is None:
-            ranks, scales = [], []
-            k = _key(name)
-            for i in range(self.next_id):
-                spec = self.specs.get(i)
-                present = spec is not None and k in self.adapters[str(i)].lora_A
-                ranks.append(spec.rank if present else 0)
-                scales.append(spec.scale if present else 0.0)
-            info.layout = LoRALayout(ranks, scales)
-        return info.layout
+        return self.plan(name).layout
 
     def packed(self, name: str, dtype: torch.dtype):
         """(A_all [sum R, K], B_all [N, sum R]) in layout order, cast to ``dtype`` (differentiable)."""
-        k = _key(name)
-        mods = [self.adapters[str(i)] for i in range(self.next_id)
-                if i in self.specs and k in self.adapters[str(i)].lora_A]
         info = self.modules_info[name]
-        if not mods:
-            dev = info.device
-            return (torch.zeros(0, info.in_features, device=dev, dtype=dtype),
-                    torch.zeros(info.out_features, 0, device=dev, dtype=dtype))
-        a = torch.cat([m.lora_A[k] for m in mods], 0).to(dtype)
-        b = torch.cat([m.lora_B[k] for m in mods], 1).to(dtype)
-        return a, b
+        plan = self.plan(name)
+        a_list, b_list = [], []
+        for i in plan.present:
+            if plan.layout.ranks[i] == 0:
+                continue
+            a, b = methods.pack(self.specs[i], self.tensors(i, name), info.in_features, info.out_features,
+                                self.vera_of(i))
+            a_list.append(a)
+            b_list.append(b)
+        if not a_list:
+            return (torch.zeros(0, info.in_features, device=info.device, dtype=dtype),
+                    torch.zeros(info.out_features, 0, device=info.device, dtype=dtype))
+        return torch.cat(a_list, 0).to(dtype), torch.cat(b_list, 1).to(dtype)
+
+    def dora_scale(self, name: str, weight: torch.Tensor, adapters, memo: dict | None = None) -> torch.Tensor:
+        """[num_slots, N] fp32: m_a / ||W + s_a B_a A_a||_c on the rows of the DoRA ``adapters``, 1 elsewhere.
+
+        Differentiable in m only (the norm is detached, as PEFT). ``memo``: a dict valid while
+        the adapter weights cannot change (one no-grad routing context, i.e. a generation),
+        where the norms are kept: generation calls every layer once per token.
+        """
+        info = self.modules_info[name]
+        if info.w_sq is None or info.w_sq[0] != (weight.device, weight.dtype, weight.data_ptr()):
+            # W is frozen; only a move or cast of the base model (.to/.cuda) changes it.
+            info.w_sq = ((weight.device, weight.dtype, weight.data_ptr()), methods.column_norm_sq(weight))
+        w_sq = info.w_sq[1]
+        adapters, rows = list(adapters), []
+        for i in adapters:
+            t = self.tensors(i, name)
+            key = ("dora", name, i, t["lora_A"]._version, t["lora_B"]._version)
+            norm = memo.get(key) if memo is not None else None
+            if norm is None:
+                norm = methods.dora_norm(weight, t["lora_A"], t["lora_B"], self.specs[i].scale_for(name), w_sq)
+                if memo is not None:
+                    memo[key] = norm
+            rows.append(t["lora_magnitude_vector"].float() / norm)
+        # Stacked per slot rather than index_copy'd into ones: no host->device index tensor per layer.
+        ones = torch.ones(info.out_features, device=weight.device, dtype=torch.float32)
+        by_slot = dict(zip(adapters, rows))
+        return torch.stack([by_slot.get(i, ones) for i in range(self.next_id)])
+
+    def full_delta(self, i: int, name: str) -> nn.Parameter:
+        """Dense dW [N, K] of the full fine-tuning adapter ``i`` on module ``name``."""
+        return self.adapters[str(i)].delta_weight[_key(name)]

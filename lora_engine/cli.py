@@ -52,6 +52,19 @@ def _report(args) -> int:
     return 0
 
 
+def _spectrum(args) -> int:
+    from lora_engine.spectrum import run_spectrum
+
+    res = run_spectrum(args.run_dir, model=args.model, top_k=args.top_k, out_dir=args.out)
+    print(f"share of ||dW||^2 in W's top-{args.top_k} singular directions (mean over modules)")
+    print(f"{'adapter':<28} {'method':>9} {'top-k':>7} {'rest':>7} {'chance':>7} {'modules':>8}")
+    for row in res["summary"]:
+        print(f"{row['label']:<28} {row['method']:>9} {row['top']:>7.3f} {1 - row['top']:>7.3f} "
+              f"{row['chance']:>7.3f} {row['modules']:>8}")
+    print(f"rows: {res['csv']}\nfigure: {res['png']}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="lora-engine",
                                 description="Train many LoRA adapters at once on one frozen base model.")
@@ -71,6 +84,12 @@ def main(argv=None) -> int:
     r = sub.add_parser("report", help="regenerate report.md and figures from RUN_DIR/results.csv")
     r.add_argument("run_dir")
     r.set_defaults(fn=_report)
+    sp = sub.add_parser("spectrum", help="where each adapter's update lies in the base weights' singular directions")
+    sp.add_argument("run_dir", help="a trainer run directory (config.json + checkpoints/latest)")
+    sp.add_argument("--model", default=None, help="base model path (default: the run's config 'model')")
+    sp.add_argument("--top-k", type=int, default=16, help="k of the top-k singular directions (default 16)")
+    sp.add_argument("--out", default=None, help="where spectrum.csv/.png go (default RUN_DIR)")
+    sp.set_defaults(fn=_spectrum)
     args = p.parse_args(argv)
     try:
         return args.fn(args)

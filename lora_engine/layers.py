@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from lora_engine import ops
+from lora_engine.kernels import lora
 
 
 class RoutingState:
@@ -19,11 +20,14 @@ class RoutingState:
         self.adapter_ids: torch.Tensor | None = None
         self.num_slots = 0
         self._cache: dict = {}
+        self.memo: dict = {}
 
     def set(self, adapter_ids: torch.Tensor | None, num_slots: int) -> None:
         self.adapter_ids = adapter_ids
         self.num_slots = num_slots
         self._cache = {}
+        # Per-context values of the adapter weights (DoRA norms), reused only under no_grad.
+        self.memo = {}
 
     def routing_for(self, batch: int, seq_len: int, device):
         from lora_engine.routing import build_routing
@@ -70,18 +74,33 @@ class MultiLoRALinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, K] -> [B, L, N]: base + each row's adapter (LoRA-family update in the packed
+        kernel, DoRA's column scale as an epilogue, full fine-tuning's dense dW added per segment)."""
         if self.state.adapter_ids is None:
             return self.base(x)
-        layout = self.bank.layout(self.name)
-        if layout.max_rank == 0:
+        plan = self.bank.plan(self.name)
+        if not plan.present:
             return self.base(x)
         lead = x.shape[:-1]
         if len(lead) != 2:
             raise ValueError(f"{self.name}: expected [B, L, K] activations, got {tuple(x.shape)}")
         routing = self.state.routing_for(lead[0], lead[1], x.device)
+        x2 = x.reshape(-1, x.shape[-1])
         lora_a, lora_b = self.bank.packed(self.name, x.dtype)
-        y = ops.lora_linear(x.reshape(-1, x.shape[-1]), self.base.weight, self.base.bias,
-                            lora_a, lora_b, layout, routing)
+        y = ops.lora_linear(x2, self.base.weight, self.base.bias, lora_a, lora_b, plan.layout, routing)
+        routed = set(routing.seg_adapter)
+        dora = [a for a in routed if plan.dora[a]]
+        if dora:
+            # Generation (no grad) reuses the DoRA norms for every token; training recomputes them
+            # each forward, since an optimiser step may have changed A and B in between.
+            memo = None if torch.is_grad_enabled() else self.state.memo
+            scale = self.bank.dora_scale(self.name, self.base.weight, sorted(dora), memo)
+            fn = lora.lora_column_scale_triton if ops.use_triton(x2) else lora.lora_column_scale_naive
+            y = fn(y, self.base.bias, scale, plan.dora, routing)
+        for a, rows in routing.segments() if plan.full else ():
+            if a in plan.full:
+                delta = self.bank.full_delta(a, self.name).to(x.dtype)
+                y = y.index_add(0, rows, x2.index_select(0, rows) @ delta.T)
         return y.reshape(*lead, -1)
 
     def extra_repr(self) -> str:

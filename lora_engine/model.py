@@ -1,6 +1,7 @@
 """Attach a bank of LoRA adapters to any Hugging Face causal LM.
 
-    engine = MultiLoRAModel(model, [AdapterSpec(rank=1), AdapterSpec(rank=64)], target_modules="all-linear")
+    engine = MultiLoRAModel(model, [AdapterSpec(rank=1), AdapterSpec(rank=64, method="dora")],
+                            target_modules="all-linear")
     out = engine(input_ids, attention_mask=mask, adapter_ids=torch.tensor([0, 1, -1, 0]))
 
 The base weights are frozen and stored once. Targeted ``nn.Linear`` modules are replaced, on
@@ -63,7 +64,8 @@ class MultiLoRAModel(nn.Module):
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             setattr(parent, child, MultiLoRALinear(mod, name, self.bank, self.state))
-            self.bank.register_module_info(name, mod.in_features, mod.out_features, mod.weight.device)
+            self.bank.register_module_info(name, mod.in_features, mod.out_features, mod.weight.device,
+                                           weight=mod.weight)
 
     def detach(self) -> nn.Module:
         """Put the original ``nn.Linear`` modules back and return the plain base model."""
@@ -86,7 +88,8 @@ class MultiLoRAModel(nn.Module):
         self.bank.remove(i)
 
     def adapter_parameters(self, i: int) -> list[nn.Parameter]:
-        """The trainable tensors of adapter ``i`` only (A and B of every module it targets)."""
+        """The trainable tensors of adapter ``i`` only (A and B of every module it targets for LoRA;
+        DoRA adds m, VeRA has d and b, ``full`` its dW; frozen ones such as LoRA-FA's A are left out)."""
         return self.bank.parameters_of(i)
 
     def adapter_spec(self, i: int) -> AdapterSpec:
@@ -143,3 +146,16 @@ class MultiLoRAModel(nn.Module):
                              f"of {input_ids.shape[0]} sequences: give one id per sequence")
         with self.use_adapters(adapter_ids):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    # -- PEFT format -----------------------------------------------------------------------
+    def save_adapter(self, i: int, directory, base_model_name: str | None = None):
+        """Write adapter ``i`` as a PEFT LoRA directory (see ``lora_engine.peft_io.save_adapter``)."""
+        from lora_engine import peft_io
+
+        return peft_io.save_adapter(self, i, directory, base_model_name=base_model_name)
+
+    def load_adapter(self, directory) -> int:
+        """Add the PEFT LoRA adapter in ``directory``; returns its id (see ``peft_io.load_adapter``)."""
+        from lora_engine import peft_io
+
+        return peft_io.load_adapter(self, directory)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from lora_engine import ops
+from lora_engine import methods, ops
 from lora_engine.algorithms import group_advantages, make_group_ids
 from lora_engine.config import TrainConfig, save_config
 from lora_engine.model import MultiLoRAModel
@@ -73,13 +73,9 @@ class GRPOTrainer:
         self.out = Path(cfg.output_dir)
 
     def _make_optimizer(self, a: int) -> torch.optim.Optimizer:
+        """AdamW over adapter a's trainable tensors; B (and 1-D vectors) at lr x LoRA+ ratio."""
         spec = self.engine.adapter_spec(a)
-        named = self.engine.bank.named_parameters_of(a)
-        groups = [
-            {"params": [p for n, p in named.items() if n.endswith("lora_A")], "lr": spec.lr},
-            {"params": [p for n, p in named.items() if n.endswith("lora_B")], "lr": spec.lr * spec.lora_plus_ratio},
-        ]
-        return torch.optim.AdamW(groups, weight_decay=spec.weight_decay)
+        return torch.optim.AdamW(methods.param_groups(self.engine, a), weight_decay=spec.weight_decay)
 
     # -- 1. rollout ---------------------------------------------------------------------
     def _seed(self, a: int, step: int, stream: int) -> int:

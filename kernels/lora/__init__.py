@@ -1,6 +1,7 @@
-"""Multi-adapter LoRA linear: ``y = x W^T + b + s_a (x A_a^T) B_a^T`` per adapter segment."""
-from .layout import LoRALayout, Routing, check_lora_inputs
-from .naive import lora_linear_naive
+"""Multi-adapter LoRA linear: ``y = x W^T + b + s_a (x A_a^T) B_a^T`` per adapter segment, and
+DoRA's per-column scale epilogue over its output."""
+from .layout import LoRALayout, Routing, check_column_scale_inputs, check_lora_inputs
+from .naive import lora_column_scale_naive, lora_linear_naive
 
 
 def lora_linear_triton(*args, **kwargs):
@@ -9,4 +10,11 @@ def lora_linear_triton(*args, **kwargs):
     return fn(*args, **kwargs)
 
 
-__all__ = ["LoRALayout", "Routing", "check_lora_inputs", "lora_linear_naive", "lora_linear_triton"]
+def lora_column_scale_triton(*args, **kwargs):
+    """Triton path of the DoRA epilogue (imported lazily, as ``lora_linear_triton``)."""
+    from .triton_dora import lora_column_scale_triton as fn
+    return fn(*args, **kwargs)
+
+
+__all__ = ["LoRALayout", "Routing", "check_column_scale_inputs", "check_lora_inputs", "lora_column_scale_naive",
+           "lora_column_scale_triton", "lora_linear_naive", "lora_linear_triton"]

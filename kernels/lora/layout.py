@@ -144,3 +144,28 @@ def check_lora_inputs(x, weight, bias, lora_a, lora_b, layout, routing):
     bad = [r for r in layout.ranks if r > min(K, N)]
     if bad:
         raise ValueError(f"rank(s) {bad} exceed min(K={K}, N={N}): choose rank <= {min(K, N)}")
+
+
+def check_column_scale_inputs(y, bias, scale, scaled, routing):
+    """Shape/dtype checks of the DoRA column-scale epilogue; raises ValueError with the fix."""
+    if y.dim() != 2:
+        raise ValueError(f"y must be 2-D [T, N]; got shape {tuple(y.shape)}: flatten leading dims first")
+    T, N = y.shape
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias must be [N={N}]; got {tuple(bias.shape)}")
+    if scale.dim() != 2 or scale.shape[1] != N:
+        raise ValueError(f"scale must be [A, N={N}] (one row per adapter slot); got {tuple(scale.shape)}")
+    if len(scaled) != scale.shape[0]:
+        raise ValueError(f"scaled has {len(scaled)} flags but scale has {scale.shape[0]} rows: give one flag "
+                         "per adapter slot")
+    if not scale.dtype.is_floating_point:
+        raise ValueError(f"scale must be a float tensor, got {scale.dtype}")
+    for name, t in (("bias", bias), ("scale", scale)):
+        if t is not None and t.device != y.device:
+            raise ValueError(f"{name} is on {t.device} but y is on {y.device}: move it to y's device")
+    if routing.num_tokens != T:
+        raise ValueError(f"routing covers {routing.num_tokens} tokens but y has T={T}: rebuild the routing "
+                         "for this batch")
+    if routing.seg_adapter and max(routing.seg_adapter) >= len(scaled):
+        raise ValueError(f"routing uses adapter {max(routing.seg_adapter)} but only {len(scaled)} slots are "
+                         "described: give one scale row and flag per adapter slot")

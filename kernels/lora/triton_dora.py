@@ -1,0 +1,184 @@
+"""DoRA's per-column scale as an epilogue over the multi-adapter LoRA output, in Triton.
+
+    out[t] = y[t] + (g_a - 1) * (y[t] - bias)      for the rows t of every DoRA adapter a
+    out[t] = y[t]                                  for every other row
+
+``y = x W^T + bias + s_a (x A_a^T) B_a^T`` comes from ``lora_linear``; ``g_a = m_a / ||W + s_a B_a A_a||_c``
+([N], the norm detached as PEFT does) turns it into DoRA's ``bias + g_a * (x W^T + s_a x A_a^T B_a^T)``.
+Written as ``y + (g - 1) * (y - bias)`` rather than ``bias + g * (y - bias)`` so that at g = 1
+(DoRA's init, m = ||W||_c) the output is bitwise y: (y - b) + b is not y in floating point.
+
+Backward: dy = dout + (g_a - 1) * dout on the DoRA rows (dout elsewhere), and
+dg_a = sum_{t in a} dout[t] * (y[t] - bias), one program per (segment, column tile) reducing
+over the segment's rows in order: deterministic, no atomics.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import Routing, check_column_scale_inputs
+
+
+# --- kernels ------------------------------------------------------------------------------
+
+@triton.jit
+def _colscale_kernel(
+    y_ptr, out_ptr, bias_ptr, g_ptr, flag_ptr, token_idx_ptr, tile_seg_ptr, tile_start_ptr,
+    seg_start_ptr, seg_adapter_ptr,
+    N, stride_y_t, stride_y_n, stride_o_t, stride_o_n, stride_g_a, stride_g_n,
+    HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out[rows] = y[rows] + (g[a] - 1) * (y[rows] - bias) for one tile of a flagged adapter's segment."""
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    seg = tl.load(tile_seg_ptr + pid_t)
+    adapter = tl.load(seg_adapter_ptr + seg)
+    if tl.load(flag_ptr + adapter) == 0:
+        return
+    t_end = tl.load(seg_start_ptr + seg + 1)
+    offs_t = tl.load(tile_start_ptr + pid_t) + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < t_end
+    rows = tl.load(token_idx_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    mask = mask_t[:, None] & mask_n[None, :]
+    y = tl.load(y_ptr + rows[:, None] * stride_y_t + offs_n[None, :] * stride_y_n, mask=mask, other=0.0)
+    y = y.to(tl.float32)
+    g = tl.load(g_ptr + adapter.to(tl.int64) * stride_g_a + offs_n * stride_g_n, mask=mask_n, other=1.0)
+    g = g.to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        out = y + (g[None, :] - 1.0) * (y - b[None, :])
+    else:
+        out = y + (g[None, :] - 1.0) * y
+    tl.store(out_ptr + rows[:, None] * stride_o_t + offs_n[None, :] * stride_o_n,
+             out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _colscale_dg_kernel(
+    dout_ptr, y_ptr, bias_ptr, dg_ptr, flag_ptr, token_idx_ptr, seg_start_ptr, seg_adapter_ptr,
+    N, stride_d_t, stride_d_n, stride_y_t, stride_y_n, stride_g_a, stride_g_n,
+    HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dg[a, n] = sum_{t in segment of a} dout[t, n] * (y[t, n] - bias[n])   (one program per column tile)."""
+    seg = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    adapter = tl.load(seg_adapter_ptr + seg)
+    if tl.load(flag_ptr + adapter) == 0:
+        return
+    t_begin = tl.load(seg_start_ptr + seg)
+    t_end = tl.load(seg_start_ptr + seg + 1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for t0 in range(t_begin, t_end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < t_end
+        rows = tl.load(token_idx_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
+        mask = mask_t[:, None] & mask_n[None, :]
+        d = tl.load(dout_ptr + rows[:, None] * stride_d_t + offs_n[None, :] * stride_d_n, mask=mask, other=0.0)
+        y = tl.load(y_ptr + rows[:, None] * stride_y_t + offs_n[None, :] * stride_y_n, mask=mask, other=0.0)
+        y = y.to(tl.float32)
+        if HAS_BIAS:
+            # Masked rows/columns load d = 0, so the bias they subtract adds nothing.
+            y = y - b[None, :]
+        acc += tl.sum(d.to(tl.float32) * y, axis=0)
+    tl.store(dg_ptr + adapter.to(tl.int64) * stride_g_a + offs_n * stride_g_n,
+             acc.to(dg_ptr.dtype.element_ty), mask=mask_n)
+
+
+# --- host launchers ---------------------------------------------------------------------------
+
+BLOCK_T = 64
+BLOCK_N = 64
+
+
+@functools.lru_cache(maxsize=256)
+def _flags(scaled: tuple[bool, ...], device: str) -> torch.Tensor:
+    # Cached per (flags, device): the per-layer launch does no host->device copy after the first.
+    return torch.tensor([int(bool(f)) for f in scaled], dtype=torch.int32, device=device)
+
+
+def _colscale_(y, out, bias, g, flags, routing, has_bias):
+    """out[rows of flagged adapters] = y + (g - 1) * (y - bias); other rows of out untouched."""
+    N = y.shape[1]
+    seg_start, seg_adapter = routing.segment_tensors()
+    tile_seg, tile_start = routing.token_tiles(BLOCK_T)
+    grid = (tile_seg.numel(), triton.cdiv(N, BLOCK_N))
+    _colscale_kernel[grid](
+        y, out, bias if has_bias else y, g, flags, routing.token_idx, tile_seg, tile_start, seg_start,
+        seg_adapter, N, y.stride(0), y.stride(1), out.stride(0), out.stride(1), g.stride(0), g.stride(1),
+        HAS_BIAS=has_bias, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N,
+    )
+
+
+def _colscale_dg(dout, y, bias, dg, flags, routing):
+    N = y.shape[1]
+    seg_start, seg_adapter = routing.segment_tensors()
+    grid = (routing.num_segments, triton.cdiv(N, BLOCK_N))
+    _colscale_dg_kernel[grid](
+        dout, y, bias if bias is not None else y, dg, flags, routing.token_idx, seg_start, seg_adapter,
+        N, dout.stride(0), dout.stride(1), y.stride(0), y.stride(1), dg.stride(0), dg.stride(1),
+        HAS_BIAS=bias is not None, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N,
+    )
+
+
+# --- autograd -----------------------------------------------------------------------------
+
+class _ColumnScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, bias, scale, scaled, routing):
+        flags = _flags(tuple(scaled), str(y.device))
+        out = y.clone()
+        active = routing.num_routed > 0 and any(scaled)
+        if active:
+            _colscale_(y, out, bias, scale, flags, routing, has_bias=bias is not None)
+        ctx.routing, ctx.flags, ctx.active = routing, flags, active
+        ctx.save_for_backward(y, bias, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, bias, scale = ctx.saved_tensors
+        need_y, need_bias, need_scale = ctx.needs_input_grad[:3]
+        dout = dout.contiguous()
+        dy = dbias = dscale = None
+        if need_y or need_bias:
+            dy = dout.clone()
+            if ctx.active:
+                _colscale_(dout, dy, None, scale, ctx.flags, ctx.routing, has_bias=False)
+        if need_bias and bias is not None:
+            # d out / d bias = 1 - g on the DoRA rows, 0 elsewhere: dout - dy.
+            dbias = (dout.float() - dy.float()).sum(0).to(bias.dtype)
+        if need_scale:
+            dscale = torch.zeros_like(scale)
+            if ctx.active:
+                _colscale_dg(dout, y, bias, dscale, ctx.flags, ctx.routing)
+        return (dy if need_y else None), dbias, dscale, None, None
+
+
+# --- public function ----------------------------------------------------------------------
+
+def lora_column_scale_triton(y: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
+                             scaled: tuple[bool, ...], routing: Routing) -> torch.Tensor:
+    """DoRA epilogue, Triton path: ``out[t] = y[t] + (scale[a] - 1) * (y[t] - bias)`` on flagged adapters' rows.
+
+    Args:
+        y: [T, N] fp32/fp16/bf16, the ``lora_linear`` output (base + bias + LoRA update).
+        bias: [N] the base layer's bias (any float dtype) or None.
+        scale: [A, N] float, one row per adapter slot (DoRA: m / ||W + s B A||_c; rows of
+            unflagged slots are ignored). Computed in fp32; its gradient comes back in its dtype.
+        scaled: A host bools, True for the slots to scale (the DoRA adapters).
+        routing: which rows belong to which adapter (``Routing``).
+    Returns:
+        out: [T, N] in y.dtype. Gradients flow to y, scale (and bias if it requires grad).
+    """
+    check_column_scale_inputs(y, bias, scale, scaled, routing)
+    return _ColumnScale.apply(y.contiguous(), bias, scale.contiguous(), tuple(bool(f) for f in scaled), routing)
