@@ -2,6 +2,7 @@
 from lora_engine import ops
 from lora_engine.adapters import AdapterBank, AdapterSpec
 from lora_engine.model import MultiLoRAModel
+from lora_engine.integrations.client import Engine
 
 __version__ = "0.1.0"
-__all__ = ["ops", "AdapterSpec", "AdapterBank", "MultiLoRAModel", "__version__"]
+__all__ = ["ops", "AdapterSpec", "AdapterBank", "MultiLoRAModel", "Engine", "__version__"]

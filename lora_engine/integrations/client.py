@@ -1,0 +1,472 @@
+"""A Tinker-style client API: many adapter handles on one frozen base, for your own RL loop.
+
+    engine = le.Engine(base_model, tokenizer)              # one base model
+    a, b = engine.create_adapter(rank=8, seed=0), engine.create_adapter(rank=32, seed=1)
+    samples = engine.sample(prompts, adapter=a, n=8, temperature=1.0)   # tokens + sampling log-probs
+    fa = a.forward_backward(samples.to_batch(advantages=adv_a), loss="importance_sampling")
+    fb = b.forward_backward(batch_b, loss="ppo")           # queued, nothing computed yet
+    a.optim_step(lr=1e-4)                                  # runs a's and b's work in ONE base
+    b.optim_step(lr=3e-5)                                  # forward + backward, then steps a; b reuses it
+    fa.result().loss, fa.result().logprobs                 # futures resolve at the first flush
+    a.save_state("ckpt/a"); a2 = engine.load_state("ckpt/a")   # weights (PEFT format) + optimizer
+
+Batching rule: ``forward_backward`` only queues. The queue runs as one base forward and one
+backward over every queued (adapter, batch, loss), each sequence routed to its own adapter,
+when any handle calls ``optim_step``, when a result is read, or on ``engine.flush()``.
+``engine.forward_backward_many([(a, batch, loss), ...])`` runs a list at once. Gradients
+accumulate until that adapter's ``optim_step`` (as ``loss.backward()`` would); each adapter's
+gradient is the one it would get alone, because its loss reads only its own sequences.
+
+Losses are sums over tokens (Tinker's convention; scale ``weights`` for a mean), with
+``r = exp(logp - sampling_logp)`` per token, ``w`` the token weights and ``A`` the advantages:
+
+    "importance_sampling":  -sum_bt w_bt * r_bt * A_b
+    "ppo":                  -sum_bt w_bt * min(r_bt * A_b, clip(r_bt, 1 - eps_low, 1 + eps_high) * A_b)
+    "grpo":                 "ppo" with A_b = (R_b - mean_g R) / (std_g R + 1e-4) over the group g of b
+    callable:               loss_fn(logprobs [B, L] fp32 with grad, batch) -> scalar tensor
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora_engine import methods, ops, peft_io
+from lora_engine.adapters import AdapterSpec
+from lora_engine.algorithms import group_advantages
+from lora_engine.model import MultiLoRAModel
+from lora_engine.rollout import generate
+
+LOSSES = ("importance_sampling", "ppo", "grpo")
+STATE_FILE, OPTIMIZER_FILE = "client_state.json", "optimizer.safetensors"
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """Training data for one adapter: B sequences of prompt + completion tokens.
+
+    Every [B, L] tensor is aligned with ``input_ids``: entry ``[b, t]`` is about token t of row
+    b, predicted from tokens ``< t`` (so column 0 never carries a loss).
+
+    Attributes:
+        input_ids: [B, L] int64 token ids, prompt then completion, padded where
+            ``attention_mask`` is 0 (right padding usually; left works too).
+        weights: [B, L] float32 >= 0, the loss weight of token t: 1 on completion tokens, 0 on
+            the prompt and padding; ``weights[:, 0]`` must be 0.
+        attention_mask: [B, L] int64 0/1, or None for all ones.
+        sampling_logprobs: [B, L] float32, log-prob of token t under the policy that sampled it
+            (``engine.sample`` returns them); required by the built-in losses, any value where
+            the weight is 0.
+        advantages: [B] float32, one per sequence ("importance_sampling", "ppo").
+        rewards: [B] float32 and group_ids: [B] int64, for "grpo" (advantages normalised over
+            the rows that share a group id, e.g. the samples of one prompt).
+    """
+
+    input_ids: torch.Tensor
+    weights: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    sampling_logprobs: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    group_ids: torch.Tensor | None = None
+
+    @classmethod
+    def from_sequences(cls, prompts: list[list[int]], completions: list[list[int]],
+                       sampling_logprobs: list[list[float]] | None = None, advantages=None, rewards=None,
+                       group_ids=None, pad_id: int = 0) -> "Batch":
+        """Right-padded tensors from token lists; weight 1 on every completion token."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions: give one each")
+        B = len(prompts)
+        L = max([len(p) + len(c) for p, c in zip(prompts, completions)] + [1])
+        ids = torch.full((B, L), pad_id, dtype=torch.long)
+        attn = torch.zeros((B, L), dtype=torch.long)
+        w = torch.zeros((B, L), dtype=torch.float32)
+        q = torch.zeros((B, L), dtype=torch.float32) if sampling_logprobs is not None else None
+        for b, (p, c) in enumerate(zip(prompts, completions)):
+            if not p:
+                raise ValueError(f"row {b} has an empty prompt: the first completion token needs a prefix")
+            n, m = len(p), len(c)
+            ids[b, :n + m] = torch.tensor(list(p) + list(c), dtype=torch.long)
+            attn[b, :n + m] = 1
+            w[b, n:n + m] = 1.0
+            if q is not None:
+                if len(sampling_logprobs[b]) != m:
+                    raise ValueError(f"row {b}: {len(sampling_logprobs[b])} sampling log-probs for {m} tokens")
+                q[b, n:n + m] = torch.tensor(sampling_logprobs[b], dtype=torch.float32)
+        as_t = lambda x, dt: None if x is None else torch.as_tensor(x, dtype=dt)  # noqa: E731
+        return cls(ids, w, attn, q, as_t(advantages, torch.float32), as_t(rewards, torch.float32),
+                   as_t(group_ids, torch.long))
+
+    def check(self, loss) -> None:
+        """Raise ``ValueError`` (naming the fix) if this batch cannot feed ``loss``."""
+        ids, w = self.input_ids, self.weights
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+            raise ValueError("input_ids must be an int64 tensor [B, L]; build it with Batch.from_sequences")
+        B, L = ids.shape
+        if not isinstance(w, torch.Tensor) or w.shape != (B, L) or not w.is_floating_point():
+            raise ValueError(f"weights must be a float tensor [B, L]=[{B}, {L}] aligned with input_ids")
+        if bool((w < 0).any()) or bool((w[:, 0] != 0).any()):
+            raise ValueError("weights must be >= 0 with weights[:, 0] == 0 (token 0 has no prefix to predict it from)")
+        if self.attention_mask is not None:
+            if self.attention_mask.shape != (B, L):
+                raise ValueError(f"attention_mask must be [B, L]=[{B}, {L}] or None")
+            if bool(((w != 0) & (self.attention_mask == 0)).any()):
+                raise ValueError("weights are nonzero on padding (attention_mask 0); zero them there")
+        if callable(loss):
+            return
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}: use one of {LOSSES} or a callable(logprobs, batch)")
+        if self.sampling_logprobs is None or self.sampling_logprobs.shape != (B, L):
+            raise ValueError(f"loss {loss!r} needs sampling_logprobs [B, L]=[{B}, {L}] (engine.sample returns them)")
+        if loss == "grpo":
+            for name in ("rewards", "group_ids"):
+                if getattr(self, name) is None or getattr(self, name).shape != (B,):
+                    raise ValueError(f"loss 'grpo' needs {name} [B]=[{B}] (one per sequence)")
+        elif self.advantages is None or self.advantages.shape != (B,):
+            raise ValueError(f"loss {loss!r} needs advantages [B]=[{B}], one per sequence")
+
+
+@dataclass
+class ForwardBackwardOutput:
+    """What one forward_backward computed: ``loss`` (float), ``logprobs`` [B, L] fp32 (log-prob
+    of token t where the weight is nonzero, or every real token for a callable loss; 0
+    elsewhere), ``metrics`` (tokens, and ratio_mean / clip_frac for the built-in losses)."""
+
+    loss: float
+    logprobs: torch.Tensor
+    metrics: dict = field(default_factory=dict)
+
+
+class ForwardBackwardFuture:
+    """A queued forward_backward; ``result()`` runs the queue if it has not run yet."""
+
+    def __init__(self, engine: "Engine"):
+        self._engine = engine
+        self._output: ForwardBackwardOutput | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._output is not None
+
+    def result(self) -> ForwardBackwardOutput:
+        if self._output is None:
+            self._engine.flush()
+        if self._output is None:
+            raise ValueError("this forward_backward was lost: its queue raised an exception when it ran "
+                             "(see that error); queue it again")
+        return self._output
+
+
+@dataclass
+class _Work:
+    adapter: "Adapter"
+    batch: Batch
+    loss: str | Callable
+    loss_kwargs: dict
+    future: ForwardBackwardFuture
+
+
+@dataclass
+class Samples:
+    """Completions from ``Engine.sample``, one row per (prompt, sample): prompt_index[k] is the
+    prompt of row k, ``tokens[k]`` its completion (up to and including EOS), ``logprobs[k]`` their
+    sampling log-probs (temperature-scaled distribution), ``text[k]`` (with a tokenizer)."""
+
+    prompt_tokens: list[list[int]]
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    prompt_index: list[int]
+    adapters: list["Adapter | None"]
+    truncated: list[bool]
+    text: list[str] | None
+    pad_id: int
+
+    def for_adapter(self, adapter: "Adapter | None") -> "Samples":
+        """The rows sampled with ``adapter`` (None: the base model)."""
+        rows = [k for k, a in enumerate(self.adapters) if a is adapter]
+        pick = lambda xs: None if xs is None else [xs[k] for k in rows]  # noqa: E731
+        return Samples(pick(self.prompt_tokens), pick(self.tokens), pick(self.logprobs), pick(self.prompt_index),
+                       pick(self.adapters), pick(self.truncated), pick(self.text), self.pad_id)
+
+    def to_batch(self, advantages=None, rewards=None, group_ids=None) -> Batch:
+        """A training ``Batch`` of these rows; ``group_ids`` defaults to ``prompt_index`` (for grpo)."""
+        if rewards is not None and group_ids is None:
+            group_ids = self.prompt_index
+        return Batch.from_sequences(self.prompt_tokens, self.tokens, self.logprobs, advantages=advantages,
+                                    rewards=rewards, group_ids=group_ids, pad_id=self.pad_id)
+
+
+# --- handles ------------------------------------------------------------------------------------
+
+class Adapter:
+    """A handle on one adapter of an ``Engine``: queue work, step its own AdamW, save it."""
+
+    def __init__(self, engine: "Engine", adapter_id: int):
+        self.engine = engine
+        self.id = adapter_id
+        self.step = 0
+        self.sample_calls = 0
+        self.optimizer: torch.optim.AdamW | None = None
+
+    @property
+    def spec(self) -> AdapterSpec:
+        return self.engine.lora.adapter_spec(self.id)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self.engine.lora.adapter_parameters(self.id)
+
+    def forward_backward(self, batch: Batch, loss="importance_sampling", *, temperature: float = 1.0,
+                         eps_low: float = 0.2, eps_high: float = 0.2) -> ForwardBackwardFuture:
+        """Queue loss + gradient for this adapter on ``batch``; see the module docstring.
+
+        ``temperature`` divides the logits when recomputing log-probs (use the sampling
+        temperature); ``eps_low``/``eps_high`` are the clip range of "ppo" and "grpo".
+        """
+        batch.check(loss)
+        fut = ForwardBackwardFuture(self.engine)
+        self.engine._queue.append(_Work(self, batch, loss, dict(temperature=temperature, eps_low=eps_low,
+                                                                eps_high=eps_high), fut))
+        return fut
+
+    def optim_step(self, lr: float = 1e-4, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
+                   grad_clip: float | None = 1.0) -> dict:
+        """Run the engine's queued work, then one AdamW step on this adapter and clear its grads.
+
+        ``lr`` is A's learning rate; B (and 1-D tensors: DoRA's m, VeRA's d, b) step at
+        ``lr * spec.lora_plus_ratio`` (1 unless the adapter is LoRA+). ``grad_clip``: max global
+        norm over this adapter's gradients (None: no clipping). Returns ``{"step", "grad_norm",
+        "skipped"}``: a non-finite gradient skips the step (the grads are cleared all the same),
+        as the trainer does.
+        """
+        self.engine.flush()
+        params = self.parameters()
+        if all(p.grad is None for p in params):
+            raise ValueError(f"adapter {self.id} has no gradient: call forward_backward before optim_step")
+        if self.optimizer is None:
+            self.optimizer = self._new_optimizer()
+        for g, rate in zip(self.optimizer.param_groups, (lr, lr * self.spec.lora_plus_ratio)):
+            g.update(lr=rate, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        max_norm = float("inf") if grad_clip is None else grad_clip
+        norm = float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm))
+        skipped = not math.isfinite(norm)
+        if not skipped:
+            self.optimizer.step()
+            self.step += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"step": self.step, "grad_norm": norm, "skipped": skipped}
+
+    def save_state(self, directory) -> Path:
+        """Weights (PEFT format, loads with PeftModel and vLLM), optimizer state and counters."""
+        directory = Path(directory)
+        peft_io.save_adapter(self.engine.lora, self.id, directory)
+        meta = {"step": self.step, "sample_calls": self.sample_calls, "param_groups": None}
+        if self.optimizer is not None:
+            sd = self.optimizer.state_dict()
+            save_file({f"{pid}.{k}": v.detach().cpu().contiguous() for pid, st in sd["state"].items()
+                       for k, v in st.items()}, str(directory / OPTIMIZER_FILE))
+            meta["param_groups"] = sd["param_groups"]
+        (directory / STATE_FILE).write_text(json.dumps(meta, indent=2))
+        return directory
+
+    def _load_optimizer(self, directory: Path) -> None:
+        meta = json.loads((directory / STATE_FILE).read_text()) if (directory / STATE_FILE).exists() else {}
+        self.step, self.sample_calls = meta.get("step", 0), meta.get("sample_calls", 0)
+        if not meta.get("param_groups"):
+            return
+        flat = load_file(str(directory / OPTIMIZER_FILE))
+        state: dict[int, dict] = {}
+        for key, t in flat.items():
+            pid, name = key.split(".", 1)
+            state.setdefault(int(pid), {})[name] = t
+        groups = [{**g, "betas": tuple(g["betas"])} for g in meta["param_groups"]]
+        params = self.parameters()
+        if sum(len(g["params"]) for g in groups) != len(params):
+            raise ValueError(f"{directory}: the optimizer state has {sum(len(g['params']) for g in groups)} "
+                             f"tensors but the adapter has {len(params)}; was it saved from another adapter?")
+        self.optimizer = self._new_optimizer()
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+    def _new_optimizer(self) -> torch.optim.AdamW:
+        # Two groups as the trainer's: A-like tensors, then B-like ones (LoRA+ rate).
+        return torch.optim.AdamW(methods.param_groups(self.engine.lora, self.id))
+
+
+# --- the engine ---------------------------------------------------------------------------------
+
+class Engine:
+    """One frozen base model; any number of adapter handles; batched work across handles.
+
+    Args:
+        base_model: a Hugging Face causal LM instance, or the path of a local one (then its
+            tokenizer is loaded too).
+        tokenizer: for string prompts and decoded ``Samples.text``; optional with token ids.
+        target_modules: linear layers adapters may use (as ``MultiLoRAModel``).
+        eos_id, pad_id: default from the tokenizer, then the model's generation config.
+    """
+
+    def __init__(self, base_model, tokenizer=None, *, target_modules="all-linear", eos_id: int | None = None,
+                 pad_id: int | None = None):
+        if isinstance(base_model, (str, Path)):
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(base_model))
+            base_model = AutoModelForCausalLM.from_pretrained(str(base_model)).eval()
+        self.lora = MultiLoRAModel(base_model, [], target_modules=target_modules)
+        self.tokenizer = tokenizer
+        gen = getattr(base_model, "generation_config", None)
+        eos = eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None)
+        eos = eos if eos is not None else getattr(gen, "eos_token_id", None)
+        self.eos_id = eos[0] if isinstance(eos, list) else eos
+        pad = pad_id if pad_id is not None else getattr(tokenizer, "pad_token_id", None)
+        pad = pad if pad is not None else getattr(gen, "pad_token_id", None)
+        self.pad_id = pad if pad is not None else self.eos_id
+        if self.eos_id is None:
+            raise ValueError("no EOS token id: pass a tokenizer or eos_id=...")
+        self.adapters: list[Adapter] = []
+        self._queue: list[_Work] = []
+        self._base_sample_calls = 0
+
+    # -- adapters --------------------------------------------------------------------------------
+    def create_adapter(self, rank: int = 8, alpha: float = 32.0, seed: int = 0, **spec_kwargs) -> Adapter:
+        """A new adapter, ``AdapterSpec(rank, alpha, seed, **spec_kwargs)`` (method, scaling,
+        init, target_modules, rank_pattern, name...); every method starts as the base model.
+        The spec's ``lr``/``weight_decay`` are unused here: ``optim_step`` takes them per call."""
+        return self._handle(self.lora.add_adapter(AdapterSpec(rank=rank, alpha=alpha, seed=seed, **spec_kwargs)))
+
+    def load_state(self, directory) -> Adapter:
+        """A new handle from ``Adapter.save_state`` (or any PEFT LoRA directory: weights only)."""
+        directory = Path(directory)
+        handle = self._handle(self.lora.load_adapter(directory))
+        handle._load_optimizer(directory)
+        return handle
+
+    def _handle(self, i: int) -> Adapter:
+        handle = Adapter(self, i)
+        self.adapters.append(handle)
+        return handle
+
+    # -- sampling --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, prompts, adapter: Adapter | list | None = None, n: int = 1, temperature: float = 1.0,
+               top_p: float = 1.0, max_new_tokens: int = 32, greedy: bool = False) -> Samples:
+        """``n`` completions per prompt, all adapters of the call in one decoding batch.
+
+        Args:
+            prompts: list of strings (needs the tokenizer) or of token-id lists.
+            adapter: one handle for every prompt, a list with one handle (or None) per prompt,
+                or None for the base model.
+            n, temperature, top_p, max_new_tokens, greedy: as ``lora_engine.rollout.generate``.
+        Each call draws new random numbers from (adapter seed, that adapter's call count).
+        """
+        prompt_ids = [self._encode(p) for p in prompts]
+        per_prompt = adapter if isinstance(adapter, list) else [adapter] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(per_prompt)} adapters for {len(prompts)} prompts: give one per prompt")
+        rows = [(j, per_prompt[j]) for j in range(len(prompts)) for _ in range(n)]
+        handles = {id(a): a for _, a in rows}
+        seeds = {}
+        for a in handles.values():
+            if a is None:
+                seeds[-1] = (self._base_sample_calls * 7_919 + 1) % 2**63
+                self._base_sample_calls += 1
+            else:
+                seeds[a.id] = (a.spec.seed * 1_000_003 + a.sample_calls * 7_919 + 1) % 2**63
+                a.sample_calls += 1
+        ro = generate(self.lora, [prompt_ids[j] for j, _ in rows], [-1 if a is None else a.id for _, a in rows],
+                      eos_id=self.eos_id, pad_id=self.pad_id, max_new_tokens=max_new_tokens,
+                      temperature=temperature, top_p=top_p, greedy=greedy, seeds=seeds)
+        lengths = ro.completion_mask.sum(-1).tolist()
+        tokens = [ro.completion_ids[k, :lengths[k]].tolist() for k in range(len(rows))]
+        text = self.tokenizer.batch_decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else None
+        return Samples(prompt_tokens=[prompt_ids[j] for j, _ in rows], tokens=tokens,
+                       logprobs=[ro.sampling_logp[k, :lengths[k]].tolist() for k in range(len(rows))],
+                       prompt_index=[j for j, _ in rows], adapters=[a for _, a in rows],
+                       truncated=ro.truncated.tolist(), text=text, pad_id=self.pad_id)
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("string prompts need a tokenizer: Engine(model, tokenizer) or pass token ids")
+            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return [int(t) for t in prompt]
+
+    # -- forward/backward --------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Run every queued forward_backward (one base forward + backward) and resolve the futures."""
+        queue, self._queue = self._queue, []
+        if queue:
+            outputs = self._run(queue)
+            for work, out in zip(queue, outputs):
+                work.future._output = out
+
+    def forward_backward_many(self, items) -> list[ForwardBackwardOutput]:
+        """Run ``[(adapter, batch, loss), ...]`` now, in one base forward + backward (with any
+        work already queued); returns one output per item."""
+        futures = [a.forward_backward(batch, loss) for a, batch, loss in items]
+        self.flush()
+        return [f.result() for f in futures]
+
+    def _run(self, queue: list[_Work]) -> list[ForwardBackwardOutput]:
+        model = self.lora.model
+        device = next(model.parameters()).device
+        L = max(w.batch.input_ids.shape[1] for w in queue)
+        pad = lambda t, v: torch.nn.functional.pad(t, (0, L - t.shape[1]), value=v)  # noqa: E731
+        ids = torch.cat([pad(w.batch.input_ids, self.pad_id) for w in queue]).to(device)
+        attn = torch.cat([pad(w.batch.attention_mask if w.batch.attention_mask is not None
+                              else torch.ones_like(w.batch.input_ids), 0) for w in queue]).to(device)
+        owner = torch.cat([torch.full((w.batch.input_ids.shape[0],), w.adapter.id, dtype=torch.long) for w in queue])
+        pos = (attn.cumsum(-1) - 1).clamp_min(0)
+        decoder = getattr(model, model.base_model_prefix)
+        with self.lora.use_adapters(owner):
+            hidden = decoder(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
+        head = model.get_output_embeddings().weight.detach()
+        total, outputs, row = None, [], 0
+        for w in queue:
+            B, Lw = w.batch.input_ids.shape
+            h, targets = hidden[row:row + B, :Lw - 1], ids[row:row + B, 1:Lw]
+            weights = w.batch.weights.to(device)
+            keep = (attn[row:row + B, 1:Lw] != 0) if callable(w.loss) else (weights[:, 1:] != 0)
+            row += B
+            idx = keep.reshape(-1).nonzero().squeeze(1)
+            lp = ops.token_logprobs(h.reshape(-1, h.shape[-1]).index_select(0, idx), head,
+                                    targets.reshape(-1).index_select(0, idx), temperature=w.loss_kwargs["temperature"])
+            logp = torch.cat([lp.new_zeros(B, 1), lp.new_zeros(B * (Lw - 1)).index_put((idx,), lp).view(B, Lw - 1)], 1)
+            loss, metrics = self._loss(w, logp, weights)
+            metrics["tokens"] = float(keep.sum())
+            outputs.append(ForwardBackwardOutput(float(loss.detach()), logp.detach(), metrics))
+            total = loss if total is None else total + loss
+        if total is not None and total.requires_grad:
+            total.backward()
+        return outputs
+
+    @staticmethod
+    def _loss(w: _Work, logp: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """One item's loss (a sum over tokens, see the module docstring) and its metrics."""
+        if callable(w.loss):
+            return w.loss(logp, w.batch), {}
+        b = w.batch
+        q = b.sampling_logprobs.to(logp.device)
+        if w.loss == "importance_sampling":
+            on = weights != 0
+            ratio = torch.exp(torch.where(on, logp - q, torch.zeros_like(logp)))
+            loss = -(weights * ratio * b.advantages.to(logp.device)[:, None]).sum()
+            n = weights.sum().clamp(min=1e-12)
+            return loss, {"ratio_mean": float((ratio.detach() * weights).sum() / n)}
+        adv = b.advantages
+        if w.loss == "grpo":
+            adv = group_advantages(b.rewards, b.group_ids, scale="std")[0]
+        B, L = logp.shape
+        # dr_grpo divides by B * L exactly (no clamp on the token count), so times B * L is the sum
+        # over tokens for any weights, fractional ones included.
+        losses, m = ops.policy_loss(logp, q, adv.to(logp.device, torch.float32), weights,
+                                    torch.zeros(B, dtype=torch.long, device=logp.device), loss_type="dr_grpo",
+                                    eps_low=w.loss_kwargs["eps_low"], eps_high=w.loss_kwargs["eps_high"],
+                                    num_adapters=1)
+        return losses[0] * (B * L), {"ratio_mean": float(m["ratio_mean"][0]), "clip_frac": float(m["clip_frac"][0])}

@@ -1,0 +1,352 @@
+"""TRL's ``GRPOTrainer`` on lora-engine's LoRA layer and fused log-prob + policy-loss path.
+
+    from trl import GRPOConfig
+    from lora_engine.integrations.trl import LoraEngineGRPOTrainer, wrap_for_trl
+
+    model = wrap_for_trl(AutoModelForCausalLM.from_pretrained(path), le.AdapterSpec(rank=16, alpha=32))
+    trainer = LoraEngineGRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(...),
+                                    train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    trainer.save_adapter("out/adapter")          # PEFT format: PeftModel / vLLM load it
+
+``wrap_for_trl`` replaces the model's linear layers (in place, on this instance) by
+``MultiLoRALinear`` with one adapter, id 0, active for every sequence (any ``AdapterSpec``
+method: LoRA, DoRA, PiSSA, VeRA...); only that adapter's trainable tensors require grad, so
+TRL's optimiser trains exactly them. The reference policy for the KL
+term (``beta > 0``) is the same model with the adapter switched off: no second copy.
+
+``LoraEngineGRPOTrainer`` is a subclass of ``trl.GRPOTrainer`` (trl 1.16) that overrides only
+``_compute_loss``: the final hidden states of the completion tokens go through
+``le.ops.token_logprobs`` (no [B, C, V] logits on a GPU) and ``le.ops.policy_loss``, scaled to
+TRL's normalisation of each ``loss_type`` exactly (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``;
+token or sequence importance sampling, two-sided ``delta``, k3 KL). Features of TRL's loss that
+the fused path does not implement raise ``ValueError`` at construction (other loss types, the
+entropy mask or bonus, the off-policy mask, vLLM, MoE aux loss). TRL's default KL bias
+correction (``use_bias_correction_kl``: the k3 term times the importance ratio) is applied. Logged
+metrics: ``kl``, ``entropy`` and ``clip_ratio/{low,high,region}_mean`` as TRL logs them
+(``clip_ratio/low_min`` and ``high_max`` are not logged; at sequence level the clip ratios weigh
+sequences by their token counts).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+
+import torch
+from torch import nn
+
+from lora_engine import ops, peft_io
+from lora_engine.adapters import AdapterSpec
+from lora_engine.layers import MultiLoRALinear, RoutingState
+from lora_engine.model import MultiLoRAModel
+from lora_engine.routing import build_routing
+
+try:
+    from trl import GRPOTrainer
+except ImportError as e:  # pragma: no cover - trl is an optional extra
+    raise ImportError("lora_engine.integrations.trl needs trl: pip install 'lora-engine[trl]'") from e
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+# Config fields that rescale or cap the logits inside the model's own head; the fused path
+# computes plain ``h @ W^T / temperature``, so models that set them are refused.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling")
+# Routings kept per shape: generation asks for a new (B, L) at every prompt length, and each
+# routing holds B * L indices, so an unbounded cache would grow with the run.
+_ROUTING_CACHE = 8
+
+
+class _SingleAdapterRouting(RoutingState):
+    """Routes every sequence of every batch to adapter 0 (``adapter_ids=None`` turns it off).
+
+    The routing context never ends (no ``use_adapters`` block), so its memo would never be
+    cleared: DoRA's no-grad norm cache would keep one [N] norm per module per optimiser step for
+    the whole run. ``memo`` is a fresh dict on every read instead (norms are recomputed).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.set(torch.zeros(1, dtype=torch.long), 1)
+
+    @property
+    def memo(self) -> dict:
+        return {}
+
+    @memo.setter
+    def memo(self, value) -> None:
+        pass
+
+    def routing_for(self, batch: int, seq_len: int, device):
+        key = (batch, seq_len, str(device))
+        if key not in self._cache:
+            if len(self._cache) >= _ROUTING_CACHE:
+                self._cache.clear()
+            self._cache[key] = build_routing(torch.zeros(batch, dtype=torch.long), seq_len, 1, device)
+        return self._cache[key]
+
+
+def wrap_for_trl(model: nn.Module, spec: AdapterSpec | None = None, target_modules="all-linear") -> nn.Module:
+    """Put one trainable lora-engine adapter on ``model``'s linear layers; returns ``model``.
+
+    Args:
+        model: a Hugging Face causal LM (changed in place: targeted ``nn.Linear`` become
+            ``MultiLoRALinear``; every base weight is frozen).
+        spec: the adapter (default ``AdapterSpec(rank=16, alpha=32)``); its ``lr`` etc. are
+            ignored, TRL's ``GRPOConfig`` drives the optimiser.
+        target_modules: as ``MultiLoRAModel`` (``"all-linear"``, suffixes or a regex).
+
+    Returns:
+        The same model object: its ``parameters()`` now include the adapter (registered as the
+        submodule ``lora_engine_bank``, the only tensors with ``requires_grad``), and
+        ``model.lora_engine`` is the ``MultiLoRAModel`` holding it (adapter id 0).
+    """
+    if getattr(model, "lora_engine", None) is not None:
+        raise ValueError("this model is already wrapped by wrap_for_trl; wrap a fresh model")
+    engine = MultiLoRAModel(model, [spec if spec is not None else AdapterSpec(rank=16, alpha=32)],
+                            target_modules=target_modules)
+    state = _SingleAdapterRouting()
+    engine.state = state
+    for mod in model.modules():
+        if isinstance(mod, MultiLoRALinear):
+            object.__setattr__(mod, "state", state)
+    model.add_module("lora_engine_bank", engine.bank)
+    # A plain attribute, not a submodule: the engine holds the model (a cycle otherwise).
+    object.__setattr__(model, "lora_engine", engine)
+    return model
+
+
+def _engine_of(model: nn.Module) -> MultiLoRAModel:
+    engine = getattr(model, "lora_engine", None)
+    if engine is None or not isinstance(engine.state, _SingleAdapterRouting):
+        raise ValueError("the model carries no lora-engine adapter: wrap it first with wrap_for_trl(model, spec)")
+    return engine
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: nn.Module):
+    """Inside the block ``model`` is its frozen base (the reference policy)."""
+    state = _engine_of(model).state
+    ids = state.adapter_ids
+    state.adapter_ids = None
+    try:
+        yield model
+    finally:
+        state.adapter_ids = ids
+
+
+class _AdapterOff(nn.Module):
+    """The wrapped model with its adapter off: the KL reference at no extra memory."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.policy = model
+
+    def forward(self, *args, **kwargs):
+        with adapter_disabled(self.policy):
+            return self.policy(*args, **kwargs)
+
+
+def check_trl_args(args) -> None:
+    """Raise ``ValueError`` for ``GRPOConfig`` settings the fused path does not implement."""
+    bad = []
+    if args.loss_type not in LOSS_TYPES:
+        bad.append(f"loss_type={args.loss_type!r} (use one of {LOSS_TYPES})")
+    if args.top_entropy_quantile < 1.0:
+        bad.append("top_entropy_quantile < 1 (the entropy mask; leave it at 1.0)")
+    if args.off_policy_mask_threshold is not None:
+        bad.append("off_policy_mask_threshold (leave it None)")
+    if args.use_vllm:
+        bad.append("use_vllm=True (TRL's vLLM sync does not know MultiLoRALinear; use "
+                   "lora_engine.integrations.vllm.VLLMRollout with the lora-engine trainer or client)")
+    if getattr(args, "entropy_coef", 0.0) or getattr(args, "use_adaptive_entropy", False):
+        bad.append("an entropy bonus (entropy_coef=0, no adaptive entropy)")
+    if args.sync_ref_model:
+        bad.append("sync_ref_model=True (the reference is the frozen base, adapter off)")
+    if bad:
+        raise ValueError("LoraEngineGRPOTrainer does not support: " + "; ".join(bad) +
+                         ". Use trl.GRPOTrainer for these, or change the settings.")
+
+
+def check_model(model: nn.Module) -> None:
+    """The fused path computes logits as ``h @ W_lm^T / temperature``: refuse other heads."""
+    cfg = model.config.get_text_config()
+    odd = {k: getattr(cfg, k) for k in _LOGIT_TRANSFORMS if getattr(cfg, k, None) not in (None, 1.0)}
+    if odd:
+        raise ValueError(f"the model's config sets {odd}, which the fused log-prob path does not apply; "
+                         "use trl.GRPOTrainer with a PEFT adapter for this model")
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("the LM head has a bias, which the fused log-prob path does not add; "
+                         "use trl.GRPOTrainer with a PEFT adapter for this model")
+    if getattr(cfg, "output_router_logits", False):
+        raise ValueError("MoE router aux loss is not supported by the fused path; set output_router_logits=False")
+
+
+def corrected_kl(logp, old_logp, ref_logp, mask, importance_level: str) -> torch.Tensor:
+    """k3 KL to the reference times the importance weight (TRL's ``use_bias_correction_kl``).
+
+    All [B, C] fp32; the weight is per token or, at ``"sequence"`` level, the exp of the mean
+    masked log-ratio of the row. Masked-out tokens hold 0 (no ``inf * 0`` from padding).
+    """
+    on = mask != 0
+    m = mask.to(logp.dtype)
+    log_ratio = torch.where(on, logp - old_logp, torch.zeros_like(logp))
+    if importance_level == "sequence":
+        log_ratio = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    diff = torch.where(on, ref_logp - logp, torch.zeros_like(logp))
+    return (torch.exp(diff) - diff - 1) * torch.exp(log_ratio)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """One adapter's ``ops.policy_loss`` aggregation of a [B, C] per-token loss (a scalar)."""
+    m = mask.to(per_token.dtype)
+    if loss_type == "grpo":
+        return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "dr_grpo":
+        return (per_token * m).sum() / max(per_token.numel(), 1)
+    return (per_token * m).sum() / m.sum().clamp(min=1.0)
+
+
+class LoraEngineGRPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` whose loss runs on lora-engine's fused ops. Same arguments as TRL's.
+
+    ``model`` must come from ``wrap_for_trl`` (an instance, not a name; no ``peft_config``).
+    With ``args.beta > 0`` the reference log-probs come from the same model with the adapter
+    off. Checkpoints hold the adapter in PEFT format (``adapter_config.json`` +
+    ``adapter_model.safetensors``), not the full model.
+    """
+
+    def __init__(self, model, *args, **kwargs):
+        engine = _engine_of(model)
+        if kwargs.get("peft_config") is not None:
+            raise ValueError("pass no peft_config: the adapter comes from wrap_for_trl(model, spec)")
+        check_model(model)
+        targs = kwargs.get("args")
+        if targs is None:
+            raise ValueError("pass args=GRPOConfig(...) explicitly (TRL's default output_dir needs a model name)")
+        check_trl_args(targs)
+        beta = targs.beta
+        if beta != 0.0:
+            # TRL would load a second model from the config's path as the reference; the frozen
+            # base with the adapter off is that reference already, so build without, then set it.
+            # A shallow copy, not dataclasses.replace: GRPOConfig.__post_init__ must not run twice.
+            kwargs["args"] = copy.copy(targs)
+            kwargs["args"].beta = 0.0
+        if targs.gradient_checkpointing:
+            # Reentrant checkpointing only back-propagates into blocks whose inputs need grad.
+            model.enable_input_require_grads()
+        super().__init__(model, *args, **kwargs)
+        self.lora_engine = engine
+        if beta != 0.0:
+            self.args.beta = beta
+            self.beta = beta
+            self.ref_model = _AdapterOff(self.model)
+
+    # -- the loss -----------------------------------------------------------------------------
+    def _compute_loss(self, model, inputs):
+        """TRL's GRPO loss for ``inputs`` (the dict of ``_generate_and_score_completions``).
+
+        Keys read: ``prompt_ids``/``prompt_mask`` [B, P], ``completion_ids``/``completion_mask``
+        [B, C], ``advantages`` [B], optional ``old_per_token_logps`` and ``ref_per_token_logps``
+        [B, C] fp32, ``num_items_in_batch`` (dapo), optional ``tool_mask`` [B, C].
+        Returns the scalar loss TRL's own ``_compute_loss`` returns for the same inputs.
+        """
+        extra = [k for k in ("pixel_values", "image_grid_thw", "token_type_ids", "mm_token_type_ids")
+                 if inputs.get(k) is not None]
+        if extra:
+            raise ValueError(f"inputs carry {extra}: multimodal inputs are not supported by LoraEngineGRPOTrainer")
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        B, C = completion_ids.shape
+        advantages = inputs["advantages"]
+        if advantages.dim() != 1:
+            raise ValueError(f"advantages must be [B] (one per completion), got {tuple(advantages.shape)}")
+
+        # Through the (possibly DDP-wrapped) model, so distributed hooks run; logits_to_keep=1
+        # keeps the model's own head to one position, the fused op does the rest.
+        with self.accelerator.autocast():
+            out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                        logits_to_keep=1, use_cache=False)
+        hidden = out.hidden_states[-1][:, -C - 1:-1, :]                    # [B, C, d] predicts completion
+        head = self.accelerator.unwrap_model(model).get_output_embeddings().weight.detach()
+        keep = (mask != 0).reshape(-1).nonzero().squeeze(1)
+        logp_kept, ent_kept = ops.token_logprobs(hidden.reshape(B * C, -1).index_select(0, keep).to(head.dtype),
+                                                 head, completion_ids.reshape(-1).index_select(0, keep),
+                                                 temperature=self.temperature, return_entropy=True)
+        logp = logp_kept.new_zeros(B * C).index_put((keep,), logp_kept).view(B, C)
+        entropy = logp_kept.new_zeros(B * C).index_put((keep,), ent_kept.detach()).view(B, C)
+
+        old = inputs.get("old_per_token_logps")
+        old = logp.detach() if old is None else old
+        ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
+        # The bias-corrected KL multiplies k3 by the ratio, a term ops.policy_loss does not have:
+        # it is added here, aggregated the same way (aggregation is linear in the per-token loss).
+        corrected = ref is not None and self.args.use_bias_correction_kl
+        losses, metrics = ops.policy_loss(
+            logp, old, advantages.float(), mask, torch.zeros(B, dtype=torch.long, device=logp.device),
+            ref_logp=None if corrected else ref, loss_type=self.loss_type, eps_low=self.epsilon_low,
+            eps_high=self.epsilon_high, delta=self.args.delta, beta=0.0 if corrected else self.beta,
+            importance_level=self.importance_sampling_level, num_adapters=1)
+        loss = losses[0]
+        if corrected:
+            kl = corrected_kl(logp, old, ref, mask, self.importance_sampling_level)
+            loss = loss + self.beta * aggregate(kl, mask, self.loss_type)
+            metrics["kl_mean"] = ((kl.detach() * mask).sum() / mask.sum().clamp(min=1.0)).reshape(1)
+        mode = "train" if self.model.training else "eval"
+        loss = loss * self._trl_scale(mask, inputs, C, mode)
+        self._log_loss_metrics(mode, metrics, entropy, mask)
+        return loss
+
+    def _trl_scale(self, mask, inputs, C: int, mode: str) -> float | torch.Tensor:
+        """Factor from ``ops.policy_loss``'s per-adapter normalisation to TRL's for this micro-batch.
+
+        ops: grpo/bnpo as TRL; dr_grpo divides by B * C (C = this batch's longest completion);
+        dapo by this micro-batch's token count. TRL: grpo/bnpo/dr_grpo divide by the gradient
+        accumulation steps in training, dr_grpo by B * max_completion_length, and dapo by
+        ``num_items_in_batch / num_processes * accumulation / steps_per_generation``.
+        """
+        accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self.loss_type in ("grpo", "bnpo"):
+            return 1.0 / accum
+        if self.loss_type == "dr_grpo":
+            return C / self.max_completion_length / accum
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        return mask.sum().clamp(min=1.0).to(normalizer.dtype) / normalizer
+
+    def _log_loss_metrics(self, mode: str, metrics: dict, entropy: torch.Tensor, mask: torch.Tensor) -> None:
+        """TRL's token-weighted global means: sum and count reduced over processes."""
+        count = mask.sum().float()
+
+        def global_mean(local_mean):
+            totals = self.accelerator.reduce(torch.stack([local_mean.float() * count, count]), reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        if self.beta != 0.0:
+            self._metrics[mode]["kl"].append(global_mean(metrics["kl_mean"][0]))
+        self._metrics[mode]["entropy"].append(global_mean((entropy * mask).sum() / count.clamp(min=1.0)))
+        for ours, theirs in (("clip_frac_low", "low_mean"), ("clip_frac_high", "high_mean"),
+                             ("clip_frac", "region_mean")):
+            self._metrics[mode][f"clip_ratio/{theirs}"].append(global_mean(metrics[ours][0]))
+
+    # -- checkpoints: the adapter only, in PEFT format ------------------------------------------
+    def save_adapter(self, directory) -> None:
+        """Write the trained adapter as a PEFT LoRA directory (loads with PeftModel and vLLM)."""
+        base = getattr(self.lora_engine.model.config, "_name_or_path", None) or None
+        peft_io.save_adapter(self.lora_engine, 0, directory, base_model_name=base)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.save_adapter(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        peft_io.load_adapter_weights(self.lora_engine, 0, resume_from_checkpoint)

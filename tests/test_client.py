@@ -1,0 +1,313 @@
+"""The Tinker-style client: queued work of several handles runs as ONE base forward with the
+gradients of separate calls, the losses' formulas, sampling log-probs, steps, state, errors, example."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from helpers import assert_close
+from lora_engine import ops as le_ops
+from lora_engine.integrations.client import Batch, Engine
+from models import tiny_model
+
+V, EOS, PAD = 97, 2, 0
+
+
+def _engine(seed=0):
+    # Two projections per layer keep the CPU cost of the reference LoRA path low.
+    engine = Engine(tiny_model("qwen3", seed), eos_id=EOS, pad_id=PAD, target_modules=["q_proj", "v_proj"])
+    a = engine.create_adapter(rank=2, alpha=8, seed=0)
+    b = engine.create_adapter(rank=8, alpha=16, seed=1, scaling="rslora")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # B starts at zero; a non-trivial adapter gives A a gradient too
+        for h in (a, b):
+            for name, p in engine.lora.bank.named_parameters_of(h.id).items():
+                if name.endswith("lora_B"):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return engine, a, b
+
+
+def _batch(B, P, C, seed, noise=0.3):
+    """Random prompts/completions of uneven lengths; sampling log-probs off by noise (clipping hit)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, V, (P - (k % 2),), generator=g).tolist() for k in range(B)]
+    completions = [torch.randint(3, V, (max(C - k, 1),), generator=g).tolist() for k in range(B)]
+    logps = [(-2.0 + noise * torch.randn(len(c), generator=g)).tolist() for c in completions]
+    return Batch.from_sequences(prompts, completions, logps, advantages=torch.randn(B, generator=g),
+                                rewards=torch.rand(B, generator=g), group_ids=[k // 2 for k in range(B)],
+                                pad_id=PAD)
+
+
+def _callable_loss(logp, batch):
+    return -(logp * batch.weights).sum() / batch.weights.sum()
+
+
+LOSSES = [pytest.param("importance_sampling", id="is"), pytest.param("ppo", id="ppo"),
+          pytest.param("grpo", id="grpo"), pytest.param(_callable_loss, id="callable")]
+
+
+def _count_base_forwards(engine):
+    calls = []
+    decoder = engine.lora.model.model
+    decoder.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+def _grads_of(params):
+    return torch.cat([p.grad.flatten() for p in params])
+
+
+def _grads(handle):
+    return _grads_of(handle.parameters())
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_queued_handles_share_one_base_forward_with_separate_gradients(loss):
+    ba, bb = _batch(4, 5, 6, seed=1), _batch(3, 7, 4, seed=2)
+
+    engine, a, b = _engine()
+    calls = _count_base_forwards(engine)
+    fa, fb = a.forward_backward(ba, loss), b.forward_backward(bb, loss)
+    assert calls == [] and not fa.done, "forward_backward must only queue"
+    engine.flush()
+    assert len(calls) == 1 and fa.done and fb.done
+    together = [(fa.result(), _grads(a)), (fb.result(), _grads(b))]
+
+    engine2, a2, b2 = _engine()
+    calls2 = _count_base_forwards(engine2)
+    alone = []
+    for h, batch in ((a2, ba), (b2, bb)):
+        out = h.forward_backward(batch, loss).result()
+        alone.append((out, _grads(h)))
+    assert len(calls2) == 2
+    for (o1, g1), (o2, g2), name in zip(together, alone, "ab"):
+        assert_close(torch.tensor(o1.loss), torch.tensor(o2.loss), torch.float32, f"loss {name}")
+        assert_close(o1.logprobs, o2.logprobs, torch.float32, f"logprobs {name}")
+        assert_close(g1, g2, torch.float32, f"grads {name}")
+        assert float(g1.abs().max()) > 0
+
+
+def test_optim_step_flushes_the_queue_for_every_handle():
+    engine, a, b = _engine()
+    calls = _count_base_forwards(engine)
+    before_b = [p.detach().clone() for p in b.parameters()]
+    fa, fb = a.forward_backward(_batch(2, 4, 3, seed=3)), b.forward_backward(_batch(2, 4, 3, seed=4))
+    a.optim_step(lr=1e-2)
+    assert len(calls) == 1 and fb.done and all(p.grad is not None for p in b.parameters())
+    assert all(torch.equal(x, p) for x, p in zip(before_b, b.parameters())), "a's step moved b"
+    b.optim_step(lr=1e-2)
+    assert len(calls) == 1 and all(p.grad is None for p in b.parameters())
+
+
+def _reference_logp(engine, handle, batch):
+    """log p(token t | prefix) from the full logits of the engine's ordinary forward, fp64."""
+    pos = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+    logits = engine.lora(batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
+                         adapter_ids=torch.full((batch.input_ids.shape[0],), handle.id)).logits.double()
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    return torch.cat([lp.new_zeros(lp.shape[0], 1), lp], 1)
+
+
+@pytest.fixture(params=["naive", "triton"])
+def backend(request, monkeypatch):
+    monkeypatch.setenv("LORA_ENGINE_BACKEND", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("loss", ["importance_sampling", "ppo", "grpo"])
+def test_loss_formulas(loss, backend):
+    """Tinker's definitions, written out independently: sums over weighted tokens (on the Triton
+    path too: fractional weights go through the policy-loss kernel as weights)."""
+    batch = _batch(5, 4, 6, seed=5)
+    batch.weights[1] *= 0.5  # fractional weights count as weights
+    engine, a, _ = _engine()
+    out = a.forward_backward(batch, loss, eps_low=0.2, eps_high=0.28).result()
+    ours = _grads(a)
+    for p in a.parameters():
+        p.grad = None
+    lp = _reference_logp(engine, a, batch)
+    w, q = batch.weights.double(), batch.sampling_logprobs.double()
+    r = torch.exp(torch.where(w != 0, lp - q, torch.zeros_like(lp)))
+    if loss == "grpo":
+        adv = torch.zeros(5, dtype=torch.float64)  # a one-sample group has no baseline: advantage 0
+        for gid in batch.group_ids.unique():
+            sel = batch.group_ids == gid
+            rew = batch.rewards[sel].double()
+            if sel.sum() > 1:
+                adv[sel] = (rew - rew.mean()) / (rew.std() + 1e-4)
+    else:
+        adv = batch.advantages.double()
+    A = adv[:, None]
+    per_tok = -r * A if loss == "importance_sampling" else -torch.minimum(r * A, r.clamp(0.8, 1.28) * A)
+    expected = (w * per_tok).sum()
+    expected.backward()
+    assert_close(torch.tensor(out.loss), expected.detach(), torch.float32, "loss")
+    assert_close(ours, _grads(a), torch.float32, "grads")
+    if loss != "importance_sampling":
+        assert 0 < out.metrics["clip_frac"] < 1, "the test must hit the clip region"
+
+
+def test_sample_logprobs_are_what_forward_recomputes():
+    """Samples -> Batch alignment: the recomputed log-probs equal the sampling ones (ratio 1)."""
+    engine, a, b = _engine()
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    s = engine.sample(prompts, adapter=[a, b, a], n=2, temperature=0.7, max_new_tokens=6)
+    assert s.prompt_index == [0, 0, 1, 1, 2, 2] and s.adapters == [a, a, b, b, a, a]
+    assert all(len(t) == len(lp) > 0 for t, lp in zip(s.tokens, s.logprobs))
+    for h in (a, b):
+        batch = s.for_adapter(h).to_batch(advantages=torch.zeros(len(s.for_adapter(h).tokens)))
+        out = h.forward_backward(batch, temperature=0.7).result()
+        on = batch.weights != 0
+        assert_close(out.logprobs[on], batch.sampling_logprobs[on], torch.float32, f"adapter {h.id} logprobs")
+        assert abs(out.metrics["ratio_mean"] - 1.0) < 1e-4
+    again = engine.sample(prompts, adapter=[a, b, a], n=2, temperature=0.7, max_new_tokens=6)
+    assert again.tokens != s.tokens, "each call draws new samples"
+
+
+class _DistinctChars:
+    """A task whose reward varies on a random model: distinct characters in the completion."""
+
+    def sample_train(self, n, generator):
+        return [{"prompt": f"{a}+{a + 1}=", "answer": ""} for a in torch.randint(0, 50, (n,), generator=generator)]
+
+    def encode_prompt(self, tokenizer, problem):
+        return tokenizer(problem["prompt"], add_special_tokens=False)["input_ids"]
+
+    def score(self, problems, completions):
+        return [len(set(c)) / 5 for c in completions]
+
+
+def test_grpo_gradient_equals_the_trainers_on_the_same_rollouts(tmp_path):
+    """The lora-engine trainer's GRPO (loss_type="grpo": mean over sequences of per-sequence token
+    means) is the client's "grpo" with weights 1 / (B * |o_b|): same rollouts, same gradient."""
+    from lora_engine.algorithms import group_advantages, make_group_ids
+    from lora_engine.config import config_from_dict
+    from lora_engine.tiny import build_tokenizer
+    from lora_engine.trainer import GRPOTrainer
+
+    tok = build_tokenizer()
+    cfg = transformers.Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                   max_position_embeddings=64)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    spec = {"rank": 4, "alpha": 8, "seed": 3, "target_modules": ["q_proj", "v_proj"]}
+    tr = GRPOTrainer(config_from_dict({"adapters": [spec], "prompts_per_step": 3, "samples_per_prompt": 4,
+                                       "max_new_tokens": 6, "loss_type": "grpo", "output_dir": str(tmp_path),
+                                       "progress": False}), model=model, tokenizer=tok, task=_DistinctChars())
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in tr.engine.adapter_parameters(0):
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    problems, prompt_of, ro = tr.rollout(0)
+    reward, _ = tr.rewards(problems, ro)
+    groups = make_group_ids(ro.adapter_ids, torch.tensor(prompt_of))
+    adv, _, _ = group_advantages(reward, groups)
+    logp = tr.token_logprobs(ro, ro.adapter_ids)
+    losses, _ = le_ops.policy_loss(logp, logp.detach(), adv, ro.completion_mask, ro.adapter_ids, loss_type="grpo")
+    losses.sum().backward()
+    expected = _grads_of(tr.engine.adapter_parameters(0))
+
+    engine = Engine(tr.engine.detach(), tok, target_modules=["q_proj", "v_proj"])
+    a = engine.create_adapter(**{k: v for k, v in spec.items() if k != "target_modules"})
+    with torch.no_grad():
+        for p, q in zip(a.parameters(), tr.engine.adapter_parameters(0)):
+            p.copy_(q)
+    n = ro.completion_mask.sum(-1).tolist()
+    prompts = [ro.input_ids[b, :ro.prompt_len][ro.attention_mask[b, :ro.prompt_len] == 1].tolist()
+               for b in range(len(n))]
+    batch = Batch.from_sequences(prompts, [ro.completion_ids[b, :n[b]].tolist() for b in range(len(n))],
+                                 [ro.sampling_logp[b, :n[b]].tolist() for b in range(len(n))],
+                                 rewards=reward, group_ids=groups, pad_id=tok.pad_token_id)
+    batch.weights = batch.weights / (batch.weights.sum(-1, keepdim=True).clamp(min=1) * len(n))
+    a.forward_backward(batch, "grpo").result()
+    assert_close(_grads_of(a.parameters()), expected, torch.float32, "client grpo vs trainer grpo")
+
+
+def test_save_and_load_state_continue_identically(tmp_path):
+    batches = [_batch(3, 4, 5, seed=s) for s in (6, 7)]
+    engine, a, _ = _engine()
+    a.forward_backward(batches[0], "ppo")
+    a.optim_step(lr=1e-2, weight_decay=0.1)
+    a.save_state(tmp_path / "a")
+    a.forward_backward(batches[1], "ppo")
+    a.optim_step(lr=1e-2, weight_decay=0.1)
+    expected = [p.detach().clone() for p in a.parameters()]
+
+    restored = engine.load_state(tmp_path / "a")
+    assert restored.id != a.id and restored.step == 1 and restored.spec == a.spec
+    restored.forward_backward(batches[1], "ppo")
+    restored.optim_step(lr=1e-2, weight_decay=0.1)
+    for x, y in zip(restored.parameters(), expected):
+        assert_close(x.detach(), y, torch.float32, "weights after the resumed step")
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "client_state.json", "lora_engine.json",
+                     "optimizer.safetensors"]
+    assert json.loads((tmp_path / "a" / "client_state.json").read_text())["step"] == 1
+
+
+def test_lora_plus_adapter_steps_b_faster():
+    engine = Engine(tiny_model("qwen3"), eos_id=EOS, pad_id=PAD)
+    a = engine.create_adapter(rank=2, method="lora_plus", target_modules=("q_proj",))
+    a.forward_backward(_batch(2, 4, 3, seed=11))
+    a.optim_step(lr=1e-3)
+    assert [g["lr"] for g in a.optimizer.param_groups] == [1e-3, 1e-3 * a.spec.lora_plus_ratio]
+    assert a.spec.lora_plus_ratio == 16.0
+
+
+def test_nan_gradient_skips_only_that_step():
+    engine, a, b = _engine()
+    a.forward_backward(_batch(2, 4, 3, seed=8), lambda logp, batch: logp.sum() * float("nan"))
+    b.forward_backward(_batch(2, 4, 3, seed=9))
+    before = [p.detach().clone() for p in a.parameters()]
+    assert a.optim_step()["skipped"] and not b.optim_step()["skipped"]
+    assert all(torch.equal(x, p) for x, p in zip(before, a.parameters()))
+
+
+@pytest.mark.parametrize("change,loss,needle", [
+    pytest.param(dict(advantages=None), "ppo", "advantages", id="no-advantages"),
+    pytest.param(dict(rewards=None), "grpo", "rewards", id="grpo-no-rewards"),
+    pytest.param(dict(sampling_logprobs=None), "importance_sampling", "sampling_logprobs", id="no-sampling-logp"),
+    pytest.param(dict(), "reinforce", "unknown loss", id="unknown-loss"),
+    pytest.param(dict(weights="first-column"), "ppo", r"weights\[:, 0\]", id="weight-on-token-0"),
+])
+def test_batch_errors(change, loss, needle):
+    engine, a, _ = _engine()
+    batch = _batch(2, 4, 3, seed=10)
+    for k, v in change.items():
+        if v == "first-column":
+            batch.weights[:, 0] = 1.0
+        else:
+            setattr(batch, k, v)
+    with pytest.raises(ValueError, match=needle):
+        a.forward_backward(batch, loss)
+
+
+def test_usage_errors():
+    engine, a, _ = _engine()
+    with pytest.raises(ValueError, match="forward_backward before optim_step"):
+        a.optim_step()
+    with pytest.raises(ValueError, match="tokenizer"):
+        engine.sample(["1+1="], adapter=a)
+
+
+def test_example_rl_loop_runs(tmp_path, monkeypatch):
+    from lora_engine.tiny import build_tokenizer
+    tok = build_tokenizer()
+    cfg = transformers.Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                   max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+                                   eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples"))
+    sys.modules.pop("client_rl_loop", None)
+    import client_rl_loop
+    out = client_rl_loop.main(["--model", str(tmp_path), "--steps", "2", "--pool", "64", "--eval", "4",
+                               "--prompts", "2", "--samples", "2", "--max-new-tokens", "4"])
+    assert set(out["after"]) == {"base", 0, 1}
