@@ -36,7 +36,8 @@ def _sweep(args) -> int:
     if args.dry_run:
         return 0
     out = args.out or str(Path("runs") / Path(args.spec).stem)
-    report = run_sweep(args.spec, out, progress=not args.no_progress)
+    groups = [int(g) for g in args.groups.split(",")] if args.groups else None
+    report = run_sweep(args.spec, out, progress=not args.no_progress, groups=groups)
     print(f"report: {report}")
     return 0
 
@@ -79,6 +80,7 @@ def main(argv=None) -> int:
     s.add_argument("spec", help="sweep spec TOML (see examples/tiny_sweep.toml)")
     s.add_argument("--out", default=None, help="output directory (default runs/<spec name>)")
     s.add_argument("--dry-run", action="store_true", help="print the grouping and exit")
+    s.add_argument("--groups", default=None, help="comma-separated group indices to run (job arrays)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=_sweep)
     r = sub.add_parser("report", help="regenerate report.md and figures from RUN_DIR/results.csv")

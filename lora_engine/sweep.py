@@ -157,39 +157,53 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def run_sweep(spec_path, out_dir, progress: bool = True, base=None, task=None) -> Path:
-    """Run (or resume) every group of the sweep; writes ``results.csv`` and the report.
+def run_sweep(spec_path, out_dir, progress: bool = True, base=None, task=None, groups=None) -> Path:
+    """Run (or resume) the groups of the sweep; writes ``results.csv`` and the report.
 
     ``base`` = (model, tokenizer) and ``task`` replace the spec's model and task (tests, notebooks).
+    ``groups``: indices to run (default all), e.g. ``range(rank, n, world_size)`` in a job array;
+    the results and report then cover every run finished so far.
     """
     from tqdm.auto import tqdm
 
     from lora_engine.runinfo import run_info
-    from lora_engine.trainer import GRPOTrainer, load_base
 
     spec = load_spec(spec_path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "spec.toml").write_text(Path(spec_path).read_text())
     (out_dir / "run.json").write_text(json.dumps(run_info(), indent=2))
-    bar = tqdm(range(len(spec.groups)), desc="sweep groups", disable=not progress)
+    todo = list(range(len(spec.groups))) if groups is None else list(groups)
+    bad = [g for g in todo if not 0 <= g < len(spec.groups)]
+    if bad:
+        raise ValueError(f"group(s) {bad} do not exist: the spec packs into groups 0..{len(spec.groups) - 1}")
+    bar = tqdm(todo, desc="sweep groups", disable=not progress)
     for g in bar:
-        runs = spec.groups[g]
-        if all((out_dir / "runs" / r.run_id / "result.json").exists() for r in runs):
-            continue
-        cfg = group_config(spec, g, out_dir)
-        if base is None:
-            base = load_base(cfg)  # one base model for the whole sweep, reloaded never
-        model, tokenizer = base
-        trainer = GRPOTrainer(cfg, model=model, tokenizer=tokenizer, task=task)
-        bar.set_postfix(group=g, adapters=len(runs))
-        summary = trainer.fit()
-        _record_group(out_dir, g, spec, cfg, trainer, summary)
-        # Unwrap the base so the next group starts from the plain model.
-        trainer.engine.detach()
+        bar.set_postfix(group=g, adapters=len(spec.groups[g]))
+        base = run_group(spec, g, out_dir, base=base, task=task)
     write_results(out_dir)
     from lora_engine.report import write_report
     return write_report(out_dir)
+
+
+def run_group(spec: SweepSpec, g: int, out_dir, base=None, task=None):
+    """Train group ``g`` (all its adapters concurrently) unless its runs are finished; returns the
+    (model, tokenizer) base so the caller can reuse it for the next group."""
+    from lora_engine.trainer import GRPOTrainer, load_base
+
+    out_dir = Path(out_dir)
+    runs = spec.groups[g]
+    if all((out_dir / "runs" / r.run_id / "result.json").exists() for r in runs):
+        return base
+    cfg = group_config(spec, g, out_dir)
+    if base is None:
+        base = load_base(cfg)  # one base model per process, shared by every group it runs
+    model, tokenizer = base
+    trainer = GRPOTrainer(cfg, model=model, tokenizer=tokenizer, task=task)
+    summary = trainer.fit()
+    _record_group(out_dir, g, spec, cfg, trainer, summary)
+    trainer.engine.detach()  # the next group starts from the plain base model
+    return base
 
 
 def _record_group(out_dir: Path, g: int, spec: SweepSpec, cfg: TrainConfig, trainer, summary: dict) -> None:
