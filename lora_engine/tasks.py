@@ -10,7 +10,7 @@ import torch
 
 
 class TinyArithmeticTask:
-    """The embedded default: two-term sums from reasoning-gym's chain_sum (``lora_engine.tiny_task``)."""
+    """The embedded default: two-term additions from reasoning-gym's basic_arithmetic (``lora_engine.tiny_task``)."""
 
     def __init__(self, seed: int = 0, pool: int = 20000):
         from lora_engine import tiny_task
