@@ -85,9 +85,10 @@ class MultiLoRALinear(nn.Module):
         if len(lead) != 2:
             raise ValueError(f"{self.name}: expected [B, L, K] activations, got {tuple(x.shape)}")
         routing = self.state.routing_for(lead[0], lead[1], x.device)
+        x, weight, bias = self._compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])
         lora_a, lora_b = self.bank.packed(self.name, x.dtype)
-        y = ops.lora_linear(x2, self.base.weight, self.base.bias, lora_a, lora_b, plan.layout, routing)
+        y = ops.lora_linear(x2, weight, bias, lora_a, lora_b, plan.layout, routing)
         routed = set(routing.seg_adapter)
         dora = [a for a in routed if plan.dora[a]]
         if dora:
@@ -102,6 +103,17 @@ class MultiLoRALinear(nn.Module):
                 delta = self.bank.full_delta(a, self.name).to(x.dtype)
                 y = y.index_add(0, rows, x2.index_select(0, rows) @ delta.T)
         return y.reshape(*lead, -1)
+
+    def _compute_dtype(self, x):
+        """(x, weight, bias) in one dtype: autocast's if it is on (TRL's bf16=True on an fp32
+        model), else the activations'. nn.Linear gets this from autocast; a custom autograd
+        Function does not, and the kernels need one dtype."""
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        w, b = self.base.weight, self.base.bias
+        if w.dtype != dt:
+            w = w.to(dt)
+            b = b.to(dt) if b is not None else None
+        return x.to(dt), w, b
 
     def extra_repr(self) -> str:
         return f"name={self.name}, in={self.in_features}, out={self.out_features}"

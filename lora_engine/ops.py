@@ -58,14 +58,22 @@ def token_logprobs(hidden, lm_head_weight, targets, temperature=1.0, return_entr
 
 def policy_loss(logp, old_logp, advantages, mask, adapter_ids, ref_logp=None,
                 loss_type="dapo", eps_low=0.2, eps_high=0.2, delta=None, beta=0.0,
-                importance_level="token", num_adapters=None):
-    """Clipped surrogate + k3 KL, aggregated per adapter. Returns (losses [A], metrics dict)."""
+                importance_level="token", num_adapters=None, max_completion_length=None):
+    """Clipped surrogate + k3 KL, aggregated per adapter. Returns (losses [A], metrics dict).
+
+    ``max_completion_length``: dr_grpo divides each adapter's summed loss by
+    ``num_sequences_a * max_completion_length`` (TRL's definition); pass your generation cap
+    (e.g. ``max_new_tokens``). Defaulting to the padded width L makes dr_grpo depend on the
+    batch's longest completion, i.e. on other adapters. Must be >= L. See
+    ``lora_engine.kernels.policy_loss.policy_loss_triton`` for the other arguments.
+    """
     from lora_engine.kernels import policy_loss as pl
 
     fn = pl.policy_loss_triton if use_triton(logp) else pl.policy_loss_naive
     return fn(logp, old_logp, advantages, mask, adapter_ids, ref_logp=ref_logp,
               loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, delta=delta,
-              beta=beta, importance_level=importance_level, num_adapters=num_adapters)
+              beta=beta, importance_level=importance_level, num_adapters=num_adapters,
+              max_completion_length=max_completion_length)
 
 
 # --- fused: hidden states -> policy loss -------------------------------------------------
@@ -73,7 +81,7 @@ def policy_loss(logp, old_logp, advantages, mask, adapter_ids, ref_logp=None,
 def fused_policy_loss_from_hidden(hidden, lm_head_weight, targets, old_logp, advantages, mask,
                                   adapter_ids, ref_logp=None, loss_type="dapo", eps_low=0.2,
                                   eps_high=0.2, delta=None, beta=0.0, importance_level="token",
-                                  num_adapters=None, temperature=1.0):
+                                  num_adapters=None, max_completion_length=None, temperature=1.0):
     """Per-adapter policy loss straight from the final hidden states, no logits stored.
 
     ``token_logprobs`` then ``policy_loss``. On the Triton path the forward keeps two fp32
@@ -88,7 +96,8 @@ def fused_policy_loss_from_hidden(hidden, lm_head_weight, targets, old_logp, adv
         lm_head_weight: [V, d], hidden's dtype, frozen (must not require grad).
         targets: [B, L] integer token ids, in [0, V) wherever ``mask != 0``.
         old_logp, advantages, mask, adapter_ids, ref_logp, loss_type, eps_low, eps_high, delta,
-        beta, importance_level, num_adapters: as in ``policy_loss`` ([B, L] / [B]).
+        beta, importance_level, num_adapters, max_completion_length: as in ``policy_loss``
+        ([B, L] / [B]); pass ``max_completion_length`` (the generation cap) with dr_grpo.
         temperature: float > 0 dividing the logits (the sampling temperature).
 
     Returns:
@@ -110,4 +119,5 @@ def fused_policy_loss_from_hidden(hidden, lm_head_weight, targets, old_logp, adv
     logp = logp_kept.new_zeros(B * L).index_put((idx,), logp_kept).view(B, L)
     return policy_loss(logp, old_logp, advantages, mask, adapter_ids, ref_logp=ref_logp,
                        loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, delta=delta,
-                       beta=beta, importance_level=importance_level, num_adapters=num_adapters)
+                       beta=beta, importance_level=importance_level, num_adapters=num_adapters,
+                       max_completion_length=max_completion_length)

@@ -101,12 +101,45 @@ def spec_from_dict(data: dict) -> SweepSpec:
     for run in runs:
         config_from_dict({**fixed, "adapters": [_adapter(run)]})
     packing = dict(data.get("packing", {}))
-    bad = set(packing) - {"max_adapters_per_group", "max_rows_per_step", "memory_budget_mb"}
+    bad = set(packing) - {"max_adapters_per_group", "max_rows_per_step", "memory_budget_mb", "reference_model"}
     if bad:
         raise ValueError(f"unknown packing key(s) {sorted(bad)}")
+    reference = packing.pop("reference_model", None)
     spec = SweepSpec(fixed=fixed, runs=runs, **packing)
-    spec.groups = pack(spec)
+    dims = None
+    if spec.memory_budget_mb != float("inf"):
+        dims = module_dims_for(fixed.get("model", "tiny"), reference)
+    spec.groups = pack(spec, module_dims=dims)
     return spec
+
+
+def _dims_from_config(c) -> list[tuple[int, int]]:
+    """(in, out) of every q/k/v/o/gate/up/down projection of a Llama-family decoder config."""
+    h, inter, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    hd = getattr(c, "head_dim", None) or h // c.num_attention_heads
+    q, kv = c.num_attention_heads * hd, getattr(c, "num_key_value_heads", c.num_attention_heads) * hd
+    return [(h, q), (h, kv), (h, kv), (q, h), (h, inter), (h, inter), (inter, h)] * layers
+
+
+def module_dims_for(model: str, reference: str | None = None) -> list[tuple[int, int]]:
+    """Shapes the memory budget is computed on (all linear layers: an upper bound for narrower
+    targets): a named reference (``"qwen3-8b"``), the built-in tiny model, or a local model's
+    config.json (no weights are read)."""
+    if reference is not None:
+        if reference.lower() != "qwen3-8b":
+            raise ValueError(f"packing.reference_model {reference!r} is unknown: use 'qwen3-8b' or remove it "
+                             "and point [fixed].model at a local model")
+        return QWEN3_8B_MODULES
+    if model == "tiny":
+        from types import SimpleNamespace
+
+        from lora_engine.tiny import TINY_RECIPE
+        return _dims_from_config(SimpleNamespace(**TINY_RECIPE["model"]))
+    if Path(model).exists():
+        from transformers import AutoConfig
+        return _dims_from_config(AutoConfig.from_pretrained(model))
+    raise ValueError(f"packing.memory_budget_mb needs the model's layer shapes, but {model!r} is not on this "
+                     "machine: set packing.reference_model = 'qwen3-8b' to plan with Qwen3-8B shapes")
 
 
 def _adapter(run: Run) -> dict:

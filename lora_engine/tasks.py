@@ -49,7 +49,7 @@ class ReasoningGymTask:
             raise ValueError("task 'reasoning_gym:...' needs reasoning-gym: pip install 'lora-engine[rl]'") from e
         self.name = name
         self.train = list(reasoning_gym.create_dataset(name, seed=seed, size=size))
-        self._eval_data = list(reasoning_gym.create_dataset(name, seed=seed + 10**9, size=2000))
+        self._eval_data = list(reasoning_gym.create_dataset(name, seed=seed + 10**9, size=min(2000, size)))
         self._scorer = reasoning_gym.get_score_answer_fn(name)
 
     @staticmethod
@@ -65,8 +65,11 @@ class ReasoningGymTask:
 
     def encode_prompt(self, tokenizer, problem):
         if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template([{"role": "user", "content": problem["prompt"]}],
-                                                 add_generation_prompt=True, tokenize=True)
+            # Render to text, then tokenize: apply_chat_template(tokenize=True) returns a dict in
+            # transformers 5 and a list in 4.x; the rendered text already holds BOS if any.
+            text = tokenizer.apply_chat_template([{"role": "user", "content": problem["prompt"]}],
+                                                 add_generation_prompt=True, tokenize=False)
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
         return tokenizer(problem["prompt"], add_special_tokens=True)["input_ids"]
 
     def score(self, problems, completions):

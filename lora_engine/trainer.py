@@ -101,9 +101,16 @@ class GRPOTrainer:
                       seeds={a: self._seed(a, step, 1) for a in self.ids})
         return problems, prompt_of, ro
 
+    def decode(self, ro: Rollouts) -> list[str]:
+        """Completion texts; positions after EOS become padding (id 0 is a real token, e.g. '!'
+        in Qwen's vocabulary, so masking by multiplication would append garbage)."""
+        ids = torch.where(ro.completion_mask.bool(), ro.completion_ids,
+                          torch.full_like(ro.completion_ids, self.tokenizer.pad_token_id))
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
     # -- 2. rewards and 3. advantages ---------------------------------------------------
     def rewards(self, problems, ro: Rollouts):
-        texts = self.tokenizer.batch_decode(ro.completion_ids * ro.completion_mask, skip_special_tokens=True)
+        texts = self.decode(ro)
         correct = self.task.score(problems, texts)
         total = list(correct)
         lengths = ro.completion_mask.sum(-1).tolist()
@@ -154,7 +161,8 @@ class GRPOTrainer:
             losses, metrics = ops.policy_loss(
                 logp, old if old is not None else logp.detach(), adv, mask, adapter_ids.to(device),
                 ref_logp=ref, loss_type=cfg.loss_type, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                delta=cfg.delta, beta=cfg.beta, num_adapters=self.engine.bank.num_slots)
+                delta=cfg.delta, beta=cfg.beta, num_adapters=self.engine.bank.num_slots,
+                max_completion_length=cfg.max_new_tokens)
             losses.sum().backward()
             for a in self.ids:
                 norm = self._adapter_step(a, losses[a])
@@ -220,8 +228,8 @@ class GRPOTrainer:
             ro = generate(self.engine, prompt_ids, owner, eos_id=self.tokenizer.eos_token_id,
                           pad_id=self.tokenizer.pad_token_id, max_new_tokens=self.cfg.max_new_tokens,
                           greedy=mode == "greedy", temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                          seeds={a: 10**9 + a for a in adapters})
-            texts = self.tokenizer.batch_decode(ro.completion_ids * ro.completion_mask, skip_special_tokens=True)
+                          seeds={a: self._seed(a, 0, 3) if a >= 0 else 10**9 for a in adapters})
+            texts = self.decode(ro)
             scores = torch.tensor(self.task.score(rows, texts)).view(len(adapters), len(problems), n)
             if mode == "greedy":
                 _, ent = self.token_logprobs(ro, ro.adapter_ids, entropy=True)
@@ -249,20 +257,46 @@ class GRPOTrainer:
         for a in self.ids:
             save_adapter(self.engine, a, tmp / f"adapter_{a}", base_model_name=self.cfg.model)
         torch.save({str(a): opt.state_dict() for a, opt in self.optimizers.items()}, tmp / "optimizers.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": self.step_idx, "tokens": self.tokens}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        (tmp / "state.json").write_text(json.dumps({"step": self.step_idx, "tokens": self.tokens,
+                                                    "config": self._resume_key()}, default=str))
+        if final.exists():
+            # Never delete the directory `latest` may name before its replacement is in place.
+            old = ckpt_root / f".old_{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
         latest_tmp = ckpt_root / ".latest.tmp"
         latest_tmp.write_text(final.name)
         os.replace(latest_tmp, ckpt_root / "latest")
         return final
+
+    # Fields a resumed run may change (extend steps, evaluate more often...); any other change
+    # means the checkpoint belongs to a different experiment.
+    RESUME_MAY_CHANGE = ("steps", "progress", "resume", "eval_every", "eval_problems", "eval_samples",
+                         "checkpoint_every", "output_dir", "device")
+
+    def _resume_key(self) -> dict:
+        d = self.cfg.to_dict()
+        return json.loads(json.dumps({k: v for k, v in d.items() if k not in self.RESUME_MAY_CHANGE}, default=str))
 
     def load_checkpoint(self) -> bool:
         latest = self.out / "checkpoints" / "latest"
         if not latest.exists():
             return False
         ckpt = self.out / "checkpoints" / latest.read_text().strip()
+        if not ckpt.exists() and (ckpt.parent / f".old_{ckpt.name}").exists():
+            ckpt = ckpt.parent / f".old_{ckpt.name}"  # a crash between the two renames of a re-save
         state = json.loads((ckpt / "state.json").read_text())
+        saved = state.get("config")
+        if saved is not None and saved != self._resume_key():
+            changed = sorted(k for k in set(saved) | set(self._resume_key())
+                             if saved.get(k) != self._resume_key().get(k))
+            raise ValueError(f"{self.out} holds a checkpoint of a run with a different config (changed: "
+                             f"{changed}): use another output_dir (--set output_dir=...) or start over "
+                             "with --set resume=false")
         for a in self.ids:
             load_adapter_weights(self.engine, a, ckpt / f"adapter_{a}")
         opt_states = torch.load(ckpt / "optimizers.pt", weights_only=True)
@@ -283,6 +317,10 @@ class GRPOTrainer:
         (self.out / "run.json").write_text(json.dumps(run_info(), indent=2))
         resumed = cfg.resume and self.load_checkpoint()
         log_path = self.out / "log.jsonl"
+        if not resumed:
+            # A fresh run in a used directory: start its log and summary over.
+            log_path.unlink(missing_ok=True)
+            (self.out / "summary.json").unlink(missing_ok=True)
         if resumed and log_path.exists():
             # Steps after the checkpoint are redone: drop their rows so each step is logged once.
             kept = [l for l in log_path.read_text().splitlines() if json.loads(l)["step"] < self.step_idx]

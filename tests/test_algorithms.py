@@ -7,6 +7,7 @@ import pathlib
 import pytest
 import torch
 
+from helpers import assert_close
 from lora_engine.algorithms import (
     deposit_advantages,
     deposit_density,
@@ -25,7 +26,7 @@ def test_hand_computed_std_and_none():
     # mean 0.5; unbiased std = sqrt((4 * 0.25) / 3) = sqrt(1/3)
     adv, keep, stats = group_advantages([1.0, 0.0, 0.0, 1.0], [0, 0, 0, 0])
     a = 0.5 / (math.sqrt(1 / 3) + EPS)
-    assert adv.tolist() == pytest.approx([a, -a, -a, a], rel=1e-6)
+    assert_close(adv, torch.tensor([a, -a, -a, a]), torch.float32, "advantages")
     assert keep.tolist() == [True] * 4
     assert stats["n_groups"] == 1 and stats["frac_zero_std"] == 0.0
     assert stats["reward_mean"] == pytest.approx(0.5)
@@ -38,7 +39,7 @@ def test_interleaved_unequal_groups():
     # group 7: {2, 4} mean 3, std sqrt(2); group 3: {1, 3, 5} mean 3, std 2
     adv, _, stats = group_advantages([2.0, 1.0, 3.0, 4.0, 5.0], [7, 3, 3, 7, 3])
     s7, s3 = math.sqrt(2) + EPS, 2.0 + EPS
-    assert adv.tolist() == pytest.approx([-1 / s7, -2 / s3, 0.0, 1 / s7, 2 / s3], rel=1e-6)
+    assert_close(adv, torch.tensor([-1 / s7, -2 / s3, 0.0, 1 / s7, 2 / s3]), torch.float32, "advantages")
     assert stats["n_groups"] == 2
 
 
@@ -74,7 +75,7 @@ def test_skipped_samples_leave_the_baseline():
     # None is excluded from mean/std: group {1, 0} -> mean 0.5, std sqrt(0.5)
     adv, keep, stats = group_advantages([1.0, None, 0.0, 2.0], [0, 0, 0, 1], drop_zero_variance=True)
     a = 0.5 / (math.sqrt(0.5) + EPS)
-    assert adv.tolist() == pytest.approx([a, 0.0, -a, 0.0], rel=1e-6)
+    assert_close(adv, torch.tensor([a, 0.0, -a, 0.0]), torch.float32, "advantages")
     # the one-sample group {2} has no baseline: advantage 0 and dropped as zero-variance
     assert keep.tolist() == [True, False, True, False]
     assert stats["n_skipped"] == 1 and stats["n_dropped"] == 1
@@ -144,7 +145,7 @@ def test_matches_trl_formula(scale, trl_scale, seed):
     r = _random_rewards(seed, gens=gens)
     expected, zero = _trl_advantages(r, gens, trl_scale, _nanstd_copy)
     adv, _, stats = group_advantages(r, torch.arange(r.numel()) // gens, scale=scale)
-    assert torch.allclose(adv, expected, rtol=1e-5, atol=1e-6)
+    assert_close(adv, expected, torch.float32, "advantages vs TRL")
     # TRL's frac_reward_zero_std, when no group is down to one scored sample (NaN std)
     assert stats["frac_zero_std"] == pytest.approx(zero.float().mean().item())
 
@@ -169,7 +170,7 @@ def test_trl_copy_is_current():
     for scale, trl_scale in [("std", "group"), ("none", "none")]:
         expected, _ = _trl_advantages(r, 8, trl_scale, ns["nanstd"])
         adv, _, _ = group_advantages(r, torch.arange(r.numel()) // 8, scale=scale)
-        assert torch.allclose(adv, expected, rtol=1e-5, atol=1e-6)
+        assert_close(adv, expected, torch.float32, f"advantages vs trl's nanstd ({scale})")
     trainer = _installed_trl_file("trainer/grpo_trainer.py").read_text()
     for line in ["advantages = rewards - mean_grouped_rewards",
                  "advantages = advantages / (std_rewards + 1e-4)",
@@ -185,11 +186,12 @@ def test_token_returns_small_example():
                              [0.2, 0.0, 0.3, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 1, 1, 0],   # the 9.0 sits under mask 0: ignored
                          [1, 1, 1, 1, 1]])
-    assert torch.allclose(token_returns(deposits, mask), torch.tensor([[1.5, 1.5, 1.0, 1.0, 0.0],
-                                                                       [0.5, 0.3, 0.3, 0.0, 0.0]]))
+    assert_close(token_returns(deposits, mask), torch.tensor([[1.5, 1.5, 1.0, 1.0, 0.0],
+                                                              [0.5, 0.3, 0.3, 0.0, 0.0]]),
+                 torch.float32, "returns")
     # gamma 0.5 on row 0: G3 = 1, G2 = 0.5, G1 = 0.5 + 0.25, G0 = 0.375
     got = token_returns(deposits, mask, gamma=0.5)
-    assert torch.allclose(got[0], torch.tensor([0.375, 0.75, 0.5, 1.0, 0.0]))
+    assert_close(got[0], torch.tensor([0.375, 0.75, 0.5, 1.0, 0.0]), torch.float32, "returns, gamma 0.5")
 
 
 def test_outcome_deposits_reduce_to_group_advantages():
@@ -202,7 +204,7 @@ def test_outcome_deposits_reduce_to_group_advantages():
     mask[:, :4] = True
     adv, stats = deposit_advantages(deposits, mask, groups, scale="none")
     seq_adv, _, _ = group_advantages(rewards, groups, scale="none")
-    assert torch.allclose(adv[:, :4], seq_adv[:, None].expand(6, 4))
+    assert_close(adv[:, :4], seq_adv[:, None].expand(6, 4), torch.float32, "token vs sequence advantages")
     assert (adv[:, 4] == 0).all()
     assert stats["frac_dense_rows"] == 0.0
 
@@ -216,12 +218,13 @@ def test_dense_and_sparse_groups_share_a_batch():
     sparse[0, 2], sparse[0, 5], sparse[1, 3] = 0.5, 1.0, 0.25   # process-style steps
     deposits = torch.cat([dense, sparse])
     groups = torch.tensor([0, 0, 1, 1])
-    assert deposit_density(deposits, mask, groups).tolist() == pytest.approx([1.0, 1.0, 0.25, 0.25])
+    assert_close(deposit_density(deposits, mask, groups), torch.tensor([1.0, 1.0, 0.25, 0.25]), torch.float32, "density")
 
     adv, stats = deposit_advantages(deposits, mask, groups)
     alone_dense, _ = token_advantages(dense, mask[:2], [0, 0])
     alone_sparse, _ = token_advantages(token_returns(sparse, mask[2:]), mask[2:], [0, 0])
-    assert torch.allclose(adv[:2], alone_dense) and torch.allclose(adv[2:], alone_sparse)
+    assert_close(adv[:2], alone_dense, torch.float32, "dense rows")
+    assert_close(adv[2:], alone_sparse, torch.float32, "sparse rows")
     assert stats["frac_dense_rows"] == 0.5
 
 
@@ -231,4 +234,4 @@ def test_token_advantages_hand_computed():
     mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
     adv, _ = token_advantages(values, mask, [4, 4])
     a = 1 / (math.sqrt(4 / 3) + EPS)
-    assert torch.allclose(adv, torch.tensor([[-a, -a, 0.0], [a, a, 0.0]]))
+    assert_close(adv, torch.tensor([[-a, -a, 0.0], [a, a, 0.0]]), torch.float32, "advantages")

@@ -130,7 +130,7 @@ def test_bad_input_raises_value_error(fn, case, match):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("T,K,N,ranks,pattern", CASES + [
     pytest.param(4096, 1024, 3072, (1, 2, 4, 8, 16, 32, 64, 128, 256, 512), "random", id="large-mixed"),
 ])

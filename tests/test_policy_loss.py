@@ -53,20 +53,21 @@ def _make(B, L, A, pattern, seed=0):
     return logp, old, ref, mask, adv, ids
 
 
-def _loss_and_grad(fn, logp, old, ref, mask, adv, ids, A, cfg, dtype, g_out):
+def _loss_and_grad(fn, logp, old, ref, mask, adv, ids, A, cfg, dtype, g_out, mcl=None):
     loss_type, level, delta, beta, with_ref = cfg
     x = logp.to(dtype).detach().requires_grad_()
     cast = (lambda t: t.double()) if dtype == torch.float64 else (lambda t: t)
     losses, metrics = fn(x, cast(old), cast(adv), mask, ids, ref_logp=cast(ref) if with_ref else None,
                          loss_type=loss_type, eps_low=0.2, eps_high=0.28, delta=delta, beta=beta,
-                         importance_level=level, num_adapters=A)
+                         importance_level=level, num_adapters=A, max_completion_length=mcl)
     (losses * g_out.to(losses.dtype)).sum().backward()
     return losses, metrics, x.grad
 
 
 # --- an independent formula: vectorised with one-hot adapter matrices, no per-adapter loop ----
 
-def _formula(logp, old, adv, mask, ids, ref, loss_type, eps_low, eps_high, delta, beta, level, A):
+def _formula(logp, old, adv, mask, ids, ref, loss_type, eps_low, eps_high, delta, beta, level, A,
+             mcl=None):
     m = mask.double()
     on = m != 0
     lr = (logp - old) * on
@@ -89,7 +90,7 @@ def _formula(logp, old, adv, mask, ids, ref, loss_type, eps_low, eps_high, delta
     if loss_type == "grpo":
         losses = (onehot.t() @ (row / m.sum(1).clamp(min=1))) / n_seq.clamp(min=1)
     elif loss_type == "dr_grpo":
-        losses = (onehot.t() @ row) / (n_seq * m.shape[1]).clamp(min=1)
+        losses = (onehot.t() @ row) / (n_seq * (m.shape[1] if mcl is None else mcl)).clamp(min=1)
     else:
         losses = (onehot.t() @ row) / tok.clamp(min=1)
     low = ((r1 < 1 - eps_low) & (a < 0)).double() * m
@@ -103,16 +104,18 @@ def _formula(logp, old, adv, mask, ids, ref, loss_type, eps_low, eps_high, delta
 
 @pytest.mark.parametrize("cfg", CONFIGS)
 @pytest.mark.parametrize("B,L,A,pattern", SHAPES[:3])
-def test_reference_matches_independent_formula(B, L, A, pattern, cfg):
+@pytest.mark.parametrize("mcl_extra", [pytest.param(None, id="mcl-None"), pytest.param(9, id="mcl-L+9")])
+def test_reference_matches_independent_formula(B, L, A, pattern, cfg, mcl_extra):
     logp, old, ref, mask, adv, ids = _make(B, L, A, pattern)
+    mcl = None if mcl_extra is None else L + mcl_extra
     g_out = torch.randn(A, generator=torch.Generator().manual_seed(1)).double()
     losses, metrics, grad = _loss_and_grad(policy_loss_naive, logp, old, ref, mask, adv, ids, A,
-                                           cfg, torch.float64, g_out)
+                                           cfg, torch.float64, g_out, mcl=mcl)
     loss_type, level, delta, beta, with_ref = cfg
     x = logp.double().requires_grad_()
     f_losses, f_metrics = _formula(x, old.double(), adv.double(), mask, ids,
                                    ref.double() if with_ref else None, loss_type, 0.2, 0.28,
-                                   delta, beta, level, A)
+                                   delta, beta, level, A, mcl=mcl)
     (f_losses * g_out).sum().backward()
     assert_close(losses, f_losses, torch.float64, "losses")
     assert_close(grad, x.grad, torch.float64, "dlogp")
@@ -138,6 +141,55 @@ def test_triton_matches_reference(B, L, A, pattern, cfg, dtype):
     for k in METRIC_NAMES:
         assert metrics[k].shape == (A,)
         assert_close(metrics[k], r_metrics[k], dtype, k)
+
+
+DR_GRPO_CONFIGS = [c for c in CONFIGS if c.values[0][0] == "dr_grpo"]
+
+
+@pytest.mark.parametrize("cfg", DR_GRPO_CONFIGS)
+@pytest.mark.parametrize("B,L,A,pattern", SHAPES)
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
+                                   pytest.param(torch.float16, id="fp16")])
+def test_triton_matches_reference_with_max_completion_length(B, L, A, pattern, cfg, dtype):
+    """dr_grpo with max_completion_length > L: both paths divide by n_seq_a * max_completion_length."""
+    logp, old, ref, mask, adv, ids = _make(B, L, A, pattern)
+    logp = logp.to(dtype)
+    mcl = L + 11
+    g_out = torch.randn(A, generator=torch.Generator().manual_seed(1))
+    losses, metrics, grad = _loss_and_grad(policy_loss_triton, logp, old, ref, mask, adv, ids, A,
+                                           cfg, dtype, g_out, mcl=mcl)
+    r_losses, r_metrics, r_grad = _loss_and_grad(policy_loss_naive, logp, old, ref, mask, adv, ids,
+                                                 A, cfg, torch.float64, g_out, mcl=mcl)
+    assert_close(losses, r_losses, dtype, "losses")
+    assert_close(grad, r_grad, dtype, "dlogp")
+    for k in METRIC_NAMES:
+        assert_close(metrics[k], r_metrics[k], dtype, k)
+    # and it is exactly the L-normalised loss rescaled by L / max_completion_length
+    l_losses, _, l_grad = _loss_and_grad(policy_loss_naive, logp, old, ref, mask, adv, ids, A, cfg,
+                                         torch.float64, g_out)
+    assert_close(r_losses, l_losses * L / mcl, torch.float64, "rescaled losses")
+    assert_close(r_grad, l_grad * L / mcl, torch.float64, "rescaled dlogp")
+
+
+@pytest.mark.parametrize("fn,dtype", [pytest.param(policy_loss_naive, torch.float64, id="naive-fp64"),
+                                      pytest.param(policy_loss_triton, torch.float32, id="triton-fp32")])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo"])
+def test_max_completion_length_only_affects_dr_grpo(fn, dtype, loss_type):
+    logp, old, ref, mask, adv, ids = _make(7, 13, 2, "random", seed=8)
+    args = (logp.to(dtype), old.to(dtype), adv.to(dtype), mask, ids)
+    a, _ = fn(*args, loss_type=loss_type)
+    b, _ = fn(*args, loss_type=loss_type, max_completion_length=40)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fn,dtype", [pytest.param(policy_loss_naive, torch.float64, id="naive-fp64"),
+                                      pytest.param(policy_loss_triton, torch.float32, id="triton-fp32")])
+def test_max_completion_length_equal_to_L_is_the_default(fn, dtype):
+    logp, old, ref, mask, adv, ids = _make(7, 13, 2, "random", seed=8)
+    args = (logp.to(dtype), old.to(dtype), adv.to(dtype), mask, ids)
+    a, _ = fn(*args, loss_type="dr_grpo")
+    b, _ = fn(*args, loss_type="dr_grpo", max_completion_length=13)
+    assert torch.equal(a, b)
 
 
 # --- parity with TRL's GRPOTrainer._compute_loss (called, not transcribed) -------------------
@@ -179,6 +231,17 @@ TRL_CONFIGS = [
 
 @pytest.mark.parametrize("loss_type,level,delta,beta", TRL_CONFIGS)
 def test_parity_with_trl_grpo_trainer(loss_type, level, delta, beta):
+    _check_trl_parity(loss_type, level, delta, beta, mcl=None)
+
+
+@pytest.mark.parametrize("loss_type,level,delta,beta",
+                         [p for p in TRL_CONFIGS if p.values[0] == "dr_grpo"])
+def test_parity_with_trl_dr_grpo_max_completion_length(loss_type, level, delta, beta):
+    """TRL's dr_grpo divides by its config's max_completion_length, here 13 + 19 > L = 13."""
+    _check_trl_parity(loss_type, level, delta, beta, mcl=13 + 19)
+
+
+def _check_trl_parity(loss_type, level, delta, beta, mcl):
     grpo = pytest.importorskip("trl.trainer.grpo_trainer")
     B, L = 6, 13
     logp, old, ref, mask, adv, _ = _make(B, L, 1, "masked-row", seed=3)
@@ -186,7 +249,7 @@ def test_parity_with_trl_grpo_trainer(loss_type, level, delta, beta):
     ids = torch.zeros(B, dtype=torch.long)
 
     x_trl = logp.clone().requires_grad_()
-    stub = _TRLTrainerStub(x_trl, loss_type, level, 0.2, 0.28, delta, beta, L)
+    stub = _TRLTrainerStub(x_trl, loss_type, level, 0.2, 0.28, delta, beta, L if mcl is None else mcl)
     inputs = dict(prompt_ids=torch.zeros(B, 1, dtype=torch.long),
                   prompt_mask=torch.ones(B, 1, dtype=torch.long),
                   completion_ids=torch.zeros(B, L, dtype=torch.long), completion_mask=mask.long(),
@@ -198,7 +261,8 @@ def test_parity_with_trl_grpo_trainer(loss_type, level, delta, beta):
     for fn, dtype in ((policy_loss_naive, torch.float64), (policy_loss_triton, torch.float32)):
         x = logp.detach().to(dtype).requires_grad_()
         losses, metrics = fn(x, old, adv, mask, ids, ref_logp=ref, loss_type=loss_type,
-                             eps_low=0.2, eps_high=0.28, delta=delta, beta=beta, importance_level=level)
+                             eps_low=0.2, eps_high=0.28, delta=delta, beta=beta, importance_level=level,
+                             max_completion_length=mcl)
         losses.sum().backward()
         assert_close(losses[0], trl_loss.detach(), dtype, f"{fn.__name__} loss vs TRL")
         assert_close(x.grad, x_trl.grad, dtype, f"{fn.__name__} dlogp vs TRL")
@@ -303,6 +367,54 @@ def test_isolation_adding_adapters(fn, dtype, loss_type):
 
 
 @pytest.mark.parametrize("fn,dtype", FNS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_isolation_when_other_adapters_are_longer(fn, dtype, loss_type, level):
+    """Adapter 0's completions are L0=9 wide alone; in the mixed batch another adapter's are 21
+    wide, so adapter 0's rows are padded (mask 0, garbage log-probs) to 21. With a fixed
+    max_completion_length (the generation cap) adapter 0's loss, metrics and gradient are
+    identical; dr_grpo normalised by the padded width would not be."""
+    L0, L1, cap = 9, 21, 32
+    g = torch.Generator().manual_seed(9)
+    logp, old, ref, mask, adv, _ = _make(10, L1, 2, "random", seed=9)
+    ids = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 0, 1])
+    mine = ids == 0
+    mask[mine, L0:] = False  # adapter 0 completions end by L0; adapter 1 ones run to L1
+    mask[~mine, L1 - 1] = True
+    logp[mine, L0:] = float("nan")  # padding garbage must not leak
+    kw = dict(loss_type=loss_type, beta=0.05, delta=1.5, importance_level=level)
+    cast = lambda t: t.to(dtype)
+
+    def adapter0(mcl, alone):
+        if alone:
+            t = (logp[mine, :L0], old[mine, :L0], adv[mine], mask[mine, :L0], ids[mine], ref[mine, :L0])
+        else:
+            t = (logp, old, adv, mask, ids, ref)
+        x = cast(t[0]).detach().requires_grad_()
+        losses, metrics = fn(x, cast(t[1]), cast(t[2]), t[3], t[4], ref_logp=cast(t[5]),
+                             max_completion_length=mcl, **kw)
+        losses[0].backward()
+        grad = x.grad if alone else x.grad[mine, :L0]
+        if not alone:
+            assert (x.grad[mine, L0:] == 0).all() and (x.grad[~mine] == 0).all()
+        return losses[:1].detach(), {k: v[:1] for k, v in metrics.items()}, grad
+
+    la, ma, ga = adapter0(cap, alone=True)
+    lb, mb, gb = adapter0(cap, alone=False)
+    assert torch.isfinite(lb).all() and torch.isfinite(gb).all()
+    # not bitwise: wider rows change the summation tree (fp64 rounding on the naive path)
+    assert_close(lb, la, dtype, "loss of adapter 0")
+    assert_close(gb, ga, dtype, "grad of adapter 0")
+    for k in METRIC_NAMES:
+        assert_close(mb[k], ma[k], dtype, k)
+    if loss_type == "dr_grpo":  # the defect this guards against: L as the normaliser
+        la_w, _, _ = adapter0(None, alone=True)
+        lb_w, _, _ = adapter0(None, alone=False)
+        assert_close(lb_w * L1 / L0, la_w, dtype, "width-normalised dr_grpo scales with L")
+        assert not torch.allclose(lb_w, la_w)
+
+
+@pytest.mark.parametrize("fn,dtype", FNS)
 def test_mask_dtypes_agree(fn, dtype):
     logp, old, ref, mask, adv, ids = _make(5, 10, 2, "random", seed=5)
     outs = [fn(logp.to(dtype), old, adv, m, ids, loss_type="grpo")[0]
@@ -325,6 +437,15 @@ def _bad_policy_inputs():
         pytest.param(dict(beta=0.1), "ref_logp", id="beta-without-ref"),
         pytest.param(dict(logp=logp[0]), r"\[B, L\]", id="logp-1d"),
         pytest.param(dict(ref_logp=ref.t()), "ref_logp", id="ref-shape"),
+        pytest.param(dict(max_completion_length=0), "max_completion_length must be an int", id="mcl-0"),
+        pytest.param(dict(max_completion_length=-4), "max_completion_length must be an int", id="mcl-negative"),
+        pytest.param(dict(max_completion_length=8.0), "max_completion_length must be an int", id="mcl-float"),
+        pytest.param(dict(max_completion_length=True), "max_completion_length must be an int", id="mcl-bool"),
+        pytest.param(dict(max_completion_length="8"), "max_completion_length must be an int", id="mcl-str"),
+        pytest.param(dict(max_completion_length=5), r"smaller than the completion width L=6.*generation cap",
+                     id="mcl-below-L"),
+        pytest.param(dict(max_completion_length=5, loss_type="grpo"), "smaller than the completion width",
+                     id="mcl-below-L-grpo"),
     ]
 
 
@@ -345,9 +466,21 @@ def test_triton_rejects_fp64():
         policy_loss_triton(logp.double(), old, adv, mask, ids)
 
 
+def test_ops_policy_loss_passes_max_completion_length():
+    logp, old, ref, mask, adv, ids = _make(5, 10, 2, "random", seed=5)
+    got, _ = le.ops.policy_loss(logp, old, adv, mask, ids, loss_type="dr_grpo", max_completion_length=25)
+    want, _ = policy_loss_naive(logp.double(), old.double(), adv.double(), mask, ids,
+                                loss_type="dr_grpo", max_completion_length=25)
+    assert_close(got, want, torch.float32, "ops.policy_loss dr_grpo")
+    with pytest.raises(ValueError, match="max_completion_length"):
+        le.ops.policy_loss(logp, old, adv, mask, ids, loss_type="dr_grpo", max_completion_length=9)
+
+
 # --- the fused path: hidden -> loss -> dh ----------------------------------------------------
 
-def test_fused_from_hidden_matches_composition():
+@pytest.mark.parametrize("loss_type,mcl", [pytest.param("grpo", None, id="grpo"),
+                                           pytest.param("dr_grpo", 23, id="dr_grpo-mcl23")])
+def test_fused_from_hidden_matches_composition(loss_type, mcl):
     B, L, d, V, A = 5, 9, 24, 50, 2
     g = torch.Generator().manual_seed(6)
     hidden = torch.randn(B, L, d, generator=g)
@@ -355,7 +488,8 @@ def test_fused_from_hidden_matches_composition():
     targets = torch.randint(0, V, (B, L), generator=g)
     _, old, ref, mask, adv, ids = _make(B, L, A, "masked-row", seed=7)
     targets[~mask] = -100  # padding ids are never looked up
-    kw = dict(ref_logp=ref, loss_type="grpo", beta=0.04, delta=1.5, importance_level="token")
+    kw = dict(ref_logp=ref, loss_type=loss_type, beta=0.04, delta=1.5, importance_level="token",
+              max_completion_length=mcl)
     g_out = torch.randn(A, generator=g)
 
     h1 = hidden.clone().requires_grad_()
@@ -366,8 +500,8 @@ def test_fused_from_hidden_matches_composition():
     h2 = hidden.double().requires_grad_()
     logp = token_logprobs_naive(h2, w.double(), targets.clamp(min=0), temperature=0.8)
     r_losses, r_metrics = policy_loss_naive(logp, old.double(), adv.double(), mask, ids,
-                                            ref_logp=ref.double(), loss_type="grpo", beta=0.04,
-                                            delta=1.5)
+                                            ref_logp=ref.double(), loss_type=loss_type, beta=0.04,
+                                            delta=1.5, max_completion_length=mcl)
     (r_losses * g_out.double()).sum().backward()
     assert_close(losses, r_losses, torch.float32, "losses")
     assert_close(h1.grad, h2.grad, torch.float32, "dh")

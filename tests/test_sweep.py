@@ -116,10 +116,19 @@ def test_full_scale_study_spec_groups_under_memory_budget():
     assert len(spec.runs) == 216
     # 16 B/param x r x 2,727,936 params per unit of rank on Qwen3-8B's 252 linear layers.
     assert adapter_state_bytes(1, QWEN3_8B_MODULES) == 16 * 2_727_936
-    groups = pack(spec, module_dims=QWEN3_8B_MODULES)
+    groups = spec.groups  # load_spec itself must apply the memory budget (reference_model = qwen3-8b)
     assert sorted(r.run_id for g in groups for r in g) == sorted(r.run_id for r in spec.runs)
     for g in groups:
         mem = sum(adapter_state_bytes(r.rank, QWEN3_8B_MODULES) for r in g) / 2**20
         assert mem <= spec.memory_budget_mb or len(g) == 1
         assert sum(r.prompts_per_step * 8 for r in g) <= spec.max_rows_per_step
     assert len(groups) < 216 / 4, "concurrency must cut the number of base-model passes by > 4x"
+
+
+def test_memory_budget_needs_model_shapes():
+    with pytest.raises(ValueError, match="reference_model"):
+        spec_from_dict({"fixed": {"model": "/nonexistent/model"}, "grid": {"rank": [1]},
+                        "packing": {"memory_budget_mb": 100}})
+    spec = spec_from_dict({"fixed": {"model": "/nonexistent/model"}, "grid": {"rank": [64, 64, 64]},
+                           "packing": {"memory_budget_mb": 3000, "reference_model": "qwen3-8b"}})
+    assert [len(g) for g in spec.groups] == [1, 1, 1]  # rank 64 on Qwen3-8B: 2.6 GiB of state each

@@ -57,16 +57,35 @@ def _weights(tr, a):
     return [p.detach().clone() for p in tr.engine.adapter_parameters(a)]
 
 
-def test_step_gives_each_adapter_the_update_it_gets_alone(tmp_path):
-    together = _trainer(tmp_path / "all")
-    rows = together.step(0)
-    assert any(abs(r["grad_norm"]) > 0 for r in rows.values()), "the test task must produce gradients"
+def _capture_grads(tr):
+    """Record each adapter's gradients as the trainer steps it (before AdamW, whose first update
+    lr * g / (|g| + eps) would turn rounding noise in near-zero gradients into sign flips)."""
+    grads = {}
+    real = tr._adapter_step
+
+    def step(a, loss):
+        grads.setdefault(a, []).append([p.grad.clone() for p in tr.engine.adapter_parameters(a)])
+        return real(a, loss)
+
+    tr._adapter_step = step
+    return grads
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo", "bnpo"])
+def test_step_gives_each_adapter_the_gradient_it_gets_alone(tmp_path, loss_type):
+    # One inner update: a second one starts from weights that AdamW has already nudged by
+    # rounding noise, which is optimiser amplification, not a leak between adapters.
+    together = _trainer(tmp_path / "all", loss_type=loss_type, inner_updates=1)
+    g_all = _capture_grads(together)
+    together.step(0)
+    assert any(float(g.abs().sum()) > 0 for g in g_all[0][0]), "the test task must produce gradients"
     for k, spec in enumerate(ADAPTERS):
-        alone = _trainer(tmp_path / f"alone{k}", adapters=[spec])
+        alone = _trainer(tmp_path / f"alone{k}", adapters=[spec], loss_type=loss_type, inner_updates=1)
+        g_alone = _capture_grads(alone)
         alone.step(0)
-        for got, want in zip(_weights(together, k), _weights(alone, 0)):
-            assert_close(got, want, torch.float32, f"adapter {k}")
-        assert any(not torch.equal(w, w0) for w, w0 in zip(_weights(alone, 0), _weights(_trainer(tmp_path / "x", adapters=[spec]), 0)))
+        for inner, (got_list, want_list) in enumerate(zip(g_all[k], g_alone[0])):
+            for j, (got, want) in enumerate(zip(got_list, want_list)):
+                assert_close(got, want, torch.float32, f"adapter {k} inner update {inner} tensor {j}")
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
@@ -148,3 +167,40 @@ def test_cli_reports_config_errors(tmp_path, capsys):
 
     assert main(["train", str(tmp_path / "missing.toml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_reasoning_gym_task_with_chat_template_gives_token_ids():
+    from lora_engine.tasks import ReasoningGymTask
+
+    tok = build_tokenizer()
+    tok.chat_template = "{% for m in messages %}<bos>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}\n{% endif %}"
+    task = ReasoningGymTask("basic_arithmetic", seed=0, size=20)
+    problem = task.sample_train(1, torch.Generator().manual_seed(0))[0]
+    ids = task.encode_prompt(tok, problem)
+    assert isinstance(ids, list) and all(isinstance(i, int) for i in ids)
+    assert ids[0] == tok.bos_token_id and tok.decode(ids[1:]).startswith(problem["prompt"][:10])
+
+
+def test_decode_drops_positions_after_eos(tmp_path):
+    from lora_engine.rollout import Rollouts
+
+    tr = _trainer(tmp_path, adapters=ADAPTERS[:1])
+    tok = tr.tokenizer
+    ids = torch.tensor([tok("12", add_special_tokens=False)["input_ids"] + [tok.eos_token_id, 5, 6]])
+    mask = torch.tensor([[1, 1, 1, 0, 0]])
+    ro = Rollouts(input_ids=ids, attention_mask=mask, completion_ids=ids, completion_mask=mask,
+                  sampling_logp=torch.zeros(1, 5), truncated=torch.tensor([False]), adapter_ids=torch.tensor([0]),
+                  prompt_len=0, prompt_tokens=torch.tensor([0]))
+    assert tr.decode(ro) == ["12"]
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    _trainer(tmp_path, steps=1).fit()
+    with pytest.raises(ValueError, match="different config"):
+        _trainer(tmp_path, steps=2, beta=0.1).fit()
+    longer = _trainer(tmp_path, steps=2)  # extending the run is allowed
+    longer.fit()
+    assert longer.step_idx == 2
+    fresh = _trainer(tmp_path, steps=1, beta=0.1, resume=False)
+    fresh.fit()
+    assert [json.loads(l)["step"] for l in open(tmp_path / "log.jsonl")] == [0] * len(ADAPTERS)

@@ -10,6 +10,9 @@ cuBLAS (x @ W^T and dy @ W); three kernels do the LoRA part:
 - ``_expand_kernel``  out[rows[t]] += s? * U[t, :R_a] @ Wt_a   (adds into y forward, into dx backward)
 - ``_wgrad_kernel``   G_a = s? * P_seg^T @ rows(Q)_seg         (dA_a = dU^T x, dB_a = s dy^T U)
 
+fp32 inputs use IEEE fp32 dots (Triton's default for fp32 is tf32, ~1e-3 relative error, which
+would make a default fp32 run's LoRA update less exact than its base GEMM).
+
 Every output element has exactly one owning program that reduces sequentially, so gradients are
 deterministic with no atomics. Rows are addressed through ``token_idx`` (gather/scatter in the
 loads and stores), so the activations are never permuted in memory.
@@ -30,7 +33,7 @@ def _shrink_kernel(
     x_ptr, w_ptr, u_ptr, token_idx_ptr, tile_seg_ptr, tile_start_ptr, seg_start_ptr,
     seg_adapter_ptr, rank_ptr, rank_off_ptr, scale_ptr,
     K, stride_x_t, stride_x_k, stride_w_r, stride_w_k, stride_u_t, stride_u_r,
-    APPLY_SCALE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    APPLY_SCALE: tl.constexpr, IEEE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """U[t, r] = sum_k x[token_idx[t], k] * w[off_a + r, k]   for t in a tile of segment s."""
     pid_t = tl.program_id(0)
@@ -58,7 +61,10 @@ def _shrink_kernel(
                     mask=mask_t[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptr + w_rows[None, :] * stride_w_r + offs_k[:, None] * stride_w_k,
                     mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        acc += tl.dot(x, w)
+        if IEEE:
+            acc += tl.dot(x, w, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w)
     if APPLY_SCALE:
         acc *= tl.load(scale_ptr + adapter)
     u_ptrs = u_ptr + offs_t.to(tl.int64)[:, None] * stride_u_t + offs_r[None, :] * stride_u_r
@@ -70,7 +76,7 @@ def _expand_kernel(
     u_ptr, w_ptr, out_ptr, token_idx_ptr, tile_seg_ptr, tile_start_ptr, seg_start_ptr,
     seg_adapter_ptr, rank_ptr, rank_off_ptr, scale_ptr,
     N, stride_u_t, stride_u_r, stride_w_n, stride_w_r, stride_o_t, stride_o_n,
-    APPLY_SCALE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    APPLY_SCALE: tl.constexpr, IEEE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out[token_idx[t], n] += sum_r U[t, r] * w[n, off_a + r]   for t in a tile of segment s."""
     pid_t = tl.program_id(0)
@@ -97,7 +103,10 @@ def _expand_kernel(
         w = tl.load(w_ptr + (r_off + offs_r).to(tl.int64)[:, None] * stride_w_r
                     + offs_n[None, :] * stride_w_n,
                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        acc += tl.dot(u, w)
+        if IEEE:
+            acc += tl.dot(u, w, input_precision="ieee")
+        else:
+            acc += tl.dot(u, w)
     if APPLY_SCALE:
         acc *= tl.load(scale_ptr + adapter)
     o_ptrs = out_ptr + rows[:, None] * stride_o_t + offs_n[None, :] * stride_o_n
@@ -113,7 +122,7 @@ def _wgrad_kernel(
     p_ptr, q_ptr, g_ptr, token_idx_ptr, seg_start_ptr, seg_adapter_ptr, rank_ptr, rank_off_ptr,
     scale_ptr,
     K, stride_p_t, stride_p_r, stride_q_t, stride_q_k, stride_g_r, stride_g_k,
-    APPLY_SCALE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    APPLY_SCALE: tl.constexpr, IEEE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """G[off_a + r, k] = sum_{t in segment} P[t, r] * Q[token_idx[t], k]   (one program per tile of G)."""
     seg = tl.program_id(0)
@@ -141,7 +150,10 @@ def _wgrad_kernel(
                     mask=mask_t[:, None] & mask_r[None, :], other=0.0)
         q = tl.load(q_ptr + rows[:, None] * stride_q_t + offs_k[None, :] * stride_q_k,
                     mask=mask_t[:, None] & mask_k[None, :], other=0.0)
-        acc += tl.dot(tl.trans(p), q)
+        if IEEE:
+            acc += tl.dot(tl.trans(p), q, input_precision="ieee")
+        else:
+            acc += tl.dot(tl.trans(p), q)
     if APPLY_SCALE:
         acc *= tl.load(scale_ptr + adapter)
     g_ptrs = g_ptr + (r_off + offs_r).to(tl.int64)[:, None] * stride_g_r + offs_k[None, :] * stride_g_k
@@ -172,7 +184,7 @@ def _shrink(x, w, stride_w_r, stride_w_k, layout, routing, apply_scale):
     _shrink_kernel[grid](
         x, w, u, routing.token_idx, tile_seg, tile_start, seg_start, seg_adapter, ranks, offs, scales,
         K, x.stride(0), x.stride(1), stride_w_r, stride_w_k, u.stride(0), u.stride(1),
-        APPLY_SCALE=apply_scale, BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=BLOCK_K,
+        APPLY_SCALE=apply_scale, IEEE=x.dtype == torch.float32, BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=BLOCK_K,
     )
     return u
 
@@ -187,7 +199,8 @@ def _expand_(u, w, stride_w_n, stride_w_r, out, layout, routing, apply_scale):
     _expand_kernel[grid](
         u, w, out, routing.token_idx, tile_seg, tile_start, seg_start, seg_adapter, ranks, offs, scales,
         N, u.stride(0), u.stride(1), stride_w_n, stride_w_r, out.stride(0), out.stride(1),
-        APPLY_SCALE=apply_scale, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_R=_block_r(layout.max_rank),
+        APPLY_SCALE=apply_scale, IEEE=u.dtype == torch.float32, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N,
+        BLOCK_R=_block_r(layout.max_rank),
     )
 
 
@@ -201,7 +214,7 @@ def _wgrad(p, q, g, stride_g_r, stride_g_k, layout, routing, apply_scale):
     _wgrad_kernel[grid](
         p, q, g, routing.token_idx, seg_start, seg_adapter, ranks, offs, scales,
         K, p.stride(0), p.stride(1), q.stride(0), q.stride(1), stride_g_r, stride_g_k,
-        APPLY_SCALE=apply_scale, BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=BLOCK_K,
+        APPLY_SCALE=apply_scale, IEEE=q.dtype == torch.float32, BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=BLOCK_K,
     )
 
 

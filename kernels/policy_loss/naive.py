@@ -12,12 +12,16 @@ For the sequences ``b`` of adapter ``a`` (``adapter_ids[b] == a``), exactly TRL'
     loss_tok  = -min(r1 * A_b, r2 * A_b) + beta * kl,      kl = exp(ref - logp) - (ref - logp) - 1
     grpo:    mean over the adapter's sequences of (sum_l mask * loss_tok) / max(sum_l mask, 1)
     bnpo:    sum(mask * loss_tok) / max(sum mask, 1)
-    dr_grpo: sum(mask * loss_tok) / (num_sequences * L)    (L = max completion length)
+    dr_grpo: sum(mask * loss_tok) / (num_sequences * max_completion_length)
     dapo:    sum(mask * loss_tok) / max(sum mask, 1)       (TRL's token count over one process)
 
 Each adapter is normalised over its own sequences and tokens only, so adding another adapter's
-sequences never changes adapter a's loss or gradient. Masked-out tokens enter as log-ratio 0
-(ratio 1, kl 0) rather than as ``inf * 0``: garbage log-probs at padding cannot make a nan.
+sequences never changes adapter a's loss or gradient. dr_grpo's ``max_completion_length`` is a
+constant (TRL's config value, the generation cap), not the batch's padded width L: with L, the
+longest completion of *any* adapter in the batch would rescale every adapter's loss. Passing
+None falls back to L (only right when L is fixed, e.g. completions always padded to the cap).
+Masked-out tokens enter as log-ratio 0 (ratio 1, kl 0) rather than as ``inf * 0``: garbage
+log-probs at padding cannot make a nan.
 
 Metrics (token means over the adapter's masked tokens, TRL's ``clip_ratio/*`` and ``kl``):
 ``clip_frac_low`` = mean(r1 < 1 - eps_low and A < 0), ``clip_frac_high`` = mean(r1 > 1 + eps_high
@@ -26,6 +30,8 @@ and A > 0), ``clip_frac`` = either, ``kl_mean`` = mean(kl) (0 without ``ref_logp
 every token carries its sequence's flag, so sequences weigh by their token count.
 """
 from __future__ import annotations
+
+import numbers
 
 import torch
 
@@ -41,8 +47,9 @@ def _is_float(t) -> bool:
 
 def check_policy_loss_inputs(logp, old_logp, advantages, mask, adapter_ids, ref_logp, loss_type,
                              eps_low, eps_high, delta, beta, importance_level, num_adapters,
-                             triton):
-    """Validate everything; return (B, L, A). Shared by the naive and the Triton path."""
+                             triton, max_completion_length=None):
+    """Validate everything; return (B, L, A, Lc) with Lc the dr_grpo length normaliser
+    (``max_completion_length``, or L when it is None). Shared by the naive and the Triton path."""
     if not _is_float(logp) or logp.dim() != 2:
         raise ValueError("logp must be a floating tensor [B, L] (one row per completion); "
                          "reshape per-token log-probs to [B, L]")
@@ -86,12 +93,24 @@ def check_policy_loss_inputs(logp, old_logp, advantages, mask, adapter_ids, ref_
     if B and int(adapter_ids.max()) >= A:
         raise ValueError(f"adapter_ids go up to {int(adapter_ids.max())} but num_adapters={A}; "
                          "raise num_adapters or leave it None")
-    return B, L, A
+    if max_completion_length is None:
+        Lc = L
+    else:
+        mcl = max_completion_length
+        if isinstance(mcl, bool) or not isinstance(mcl, numbers.Integral) or mcl < 1:
+            raise ValueError(f"max_completion_length must be an int >= 1 (the generation cap, e.g. "
+                             f"max_new_tokens) or None, got {max_completion_length!r}")
+        Lc = int(max_completion_length)
+        if Lc < L:
+            raise ValueError(f"max_completion_length={Lc} is smaller than the completion width L={L}; "
+                             "pass the generation cap (>= every completion's length) or truncate the "
+                             f"[B, L] inputs to {Lc} columns")
+    return B, L, A, Lc
 
 
 def policy_loss_naive(logp, old_logp, advantages, mask, adapter_ids, ref_logp=None,
                       loss_type="dapo", eps_low=0.2, eps_high=0.2, delta=None, beta=0.0,
-                      importance_level="token", num_adapters=None):
+                      importance_level="token", num_adapters=None, max_completion_length=None):
     """Clipped surrogate + k3 KL per adapter, in plain PyTorch (fp32; fp64 for fp64 ``logp``).
 
     Args:
@@ -107,14 +126,23 @@ def policy_loss_naive(logp, old_logp, advantages, mask, adapter_ids, ref_logp=No
         beta: KL coefficient.
         importance_level: "token" or "sequence" (GSPO).
         num_adapters: A; None means ``adapter_ids.max() + 1``.
+        max_completion_length: int >= L, dr_grpo's length normaliser (TRL's
+            ``max_completion_length``): pass your generation cap. None means the padded width
+            L, which makes dr_grpo depend on the batch's longest completion (another adapter's
+            included). Other loss types ignore it (beyond validation).
 
     Returns:
         ``(losses [A], metrics)``: fp32 (fp64 for fp64 ``logp``); metrics maps each of
         ``METRIC_NAMES`` to an [A] tensor. An adapter without tokens has loss 0 and metrics 0.
+
+    Raises:
+        ValueError: as ``policy_loss_triton``; also ``max_completion_length`` not an int >= 1
+            or smaller than L.
     """
-    B, L, A = check_policy_loss_inputs(logp, old_logp, advantages, mask, adapter_ids, ref_logp,
-                                       loss_type, eps_low, eps_high, delta, beta,
-                                       importance_level, num_adapters, triton=False)
+    B, L, A, Lc = check_policy_loss_inputs(logp, old_logp, advantages, mask, adapter_ids, ref_logp,
+                                           loss_type, eps_low, eps_high, delta, beta,
+                                           importance_level, num_adapters, triton=False,
+                                           max_completion_length=max_completion_length)
     ct = torch.float64 if logp.dtype == torch.float64 else torch.float32
     lp_all, old_all = logp.to(ct), old_logp.to(ct)
     m_all, adv_all = mask.to(ct), advantages.to(ct)
@@ -152,7 +180,7 @@ def policy_loss_naive(logp, old_logp, advantages, mask, adapter_ids, ref_logp=No
         if loss_type == "grpo":
             loss = (masked.sum(-1) / m.sum(-1).clamp(min=1.0)).sum() / max(n_seq, 1)
         elif loss_type == "dr_grpo":
-            loss = masked.sum() / max(n_seq * L, 1)
+            loss = masked.sum() / max(n_seq * Lc, 1)
         else:
             loss = masked.sum() / n_tok
         losses.append(loss)

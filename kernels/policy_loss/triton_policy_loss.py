@@ -8,8 +8,8 @@ Three kernels, no atomics, so losses and gradients are deterministic:
   statistics: sum(mask * loss_tok), sum(mask), sum(mask * log_ratio), the clip counts, sum of
   mask * kl and of mask * ratio.
 - ``_policy_reduce_kernel``, grid (A,): one program per adapter sums its rows and applies the
-  loss type's normaliser (sequences, tokens, or sequences * L); it also keeps the adapter's
-  sequence and token counts for the backward.
+  loss type's normaliser (sequences, tokens, or sequences * max_completion_length); it also
+  keeps the adapter's sequence and token counts for the backward.
 - ``_policy_bwd_kernel``, grid (B,): d loss_a / d logp[b, l] from the row's normaliser and
   the per-token derivative, with PyTorch's autograd conventions at the kinks so that the
   gradient equals the reference's exactly on clip boundaries: clamp passes the gradient at
@@ -30,6 +30,23 @@ import triton.language as tl
 from .naive import LOSS_TYPES, METRIC_NAMES, check_policy_loss_inputs
 
 # --- kernels ------------------------------------------------------------------------------
+
+
+@triton.jit
+def _k3(d):
+    """k3 KL ``exp(d) - d - 1`` without the cancellation near d = 0: an fp32 exp is off by about
+    1e-7 absolute (numpy's, the interpreter's, by a few ulp), the result is ~d^2 / 2, so the
+    direct form loses 1e-5 relative at d = 0.1. On |d| < 0.5 the degree-9 Taylor polynomial
+    (next term < 3e-9 relative) is accurate to a few ulp; outside, the direct form is fine."""
+    p = 1.0 / 362880.0
+    p = p * d + 1.0 / 40320.0
+    p = p * d + 1.0 / 5040.0
+    p = p * d + 1.0 / 720.0
+    p = p * d + 1.0 / 120.0
+    p = p * d + 1.0 / 24.0
+    p = p * d + 1.0 / 6.0
+    p = p * d + 0.5
+    return tl.where(tl.abs(d) < 0.5, d * d * p, tl.exp(d) - d - 1.0)
 
 
 @triton.jit
@@ -89,7 +106,7 @@ def _policy_rows_kernel(
         if HAS_REF:
             ref = tl.load(ref_ptr + base + offs, mask=ml, other=0.0).to(tl.float32)
             dref = tl.where(on, ref - lp, 0.0)
-            kl = tl.exp(dref) - dref - 1.0
+            kl = _k3(dref)
             acc_kl += mk * kl
             if HAS_KL:
                 pt += beta * kl
@@ -115,10 +132,11 @@ def _policy_rows_kernel(
 
 @triton.jit
 def _policy_reduce_kernel(
-    ids_ptr, rows_ptr, loss_ptr, met_ptr, cnt_ptr, B, A, L,
+    ids_ptr, rows_ptr, loss_ptr, met_ptr, cnt_ptr, B, A, Lc,
     LOSS_TYPE: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """losses[a], metrics[:, a], counts (sequences, tokens) of adapter ``a`` from its rows."""
+    """losses[a], metrics[:, a], counts (sequences, tokens) of adapter ``a`` from its rows.
+    ``Lc`` (fp32) is dr_grpo's length normaliser, max_completion_length, not the batch width."""
     a = tl.program_id(0)
     n_seq = tl.zeros((BLOCK_B,), tl.float32)
     n_tok = tl.zeros((BLOCK_B,), tl.float32)
@@ -151,7 +169,7 @@ def _policy_reduce_kernel(
     if LOSS_TYPE == 0:
         total = tl.sum(num_seq, axis=0) / tl.maximum(n, 1.0)
     elif LOSS_TYPE == 2:
-        total = tl.sum(num, axis=0) / tl.maximum(n * L, 1.0)
+        total = tl.sum(num, axis=0) / tl.maximum(n * Lc, 1.0)
     else:
         total = tl.sum(num, axis=0) / tok_div
     tl.store(loss_ptr + a, total)
@@ -183,7 +201,7 @@ def _surrogate_grad(r, adv, lo, hi, delta, HAS_DELTA: tl.constexpr):
 @triton.jit
 def _policy_bwd_kernel(
     logp_ptr, old_ptr, ref_ptr, mask_ptr, adv_ptr, ids_ptr, rows_ptr, cnt_ptr, gloss_ptr, dlogp_ptr,
-    L, A, lo, hi, delta, beta,
+    L, A, Lc, lo, hi, delta, beta,
     LOSS_TYPE: tl.constexpr, SEQ_LEVEL: tl.constexpr, HAS_DELTA: tl.constexpr,
     HAS_KL: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
@@ -199,7 +217,7 @@ def _policy_bwd_kernel(
     if LOSS_TYPE == 0:
         w_row = g / (tl.maximum(msum, 1.0) * tl.maximum(n, 1.0))
     elif LOSS_TYPE == 2:
-        w_row = g / tl.maximum(n * L, 1.0)
+        w_row = g / tl.maximum(n * Lc, 1.0)
     else:
         w_row = g / tl.maximum(tok, 1.0)
 
@@ -256,7 +274,7 @@ def _policy_fwd(logp, old, ref, mask, adv, ids, A, cfg):
     losses = torch.empty((A,), device=logp.device, dtype=torch.float32)
     metrics = torch.empty((len(METRIC_NAMES), A), device=logp.device, dtype=torch.float32)
     counts = torch.empty((2, A), device=logp.device, dtype=torch.float32)
-    _policy_reduce_kernel[(A,)](ids, rows, losses, metrics, counts, B, A, L,
+    _policy_reduce_kernel[(A,)](ids, rows, losses, metrics, counts, B, A, cfg["Lc"],
                                 LOSS_TYPE=cfg["loss_type"], BLOCK_B=BLOCK_B, num_warps=4)
     return losses, metrics, rows, counts
 
@@ -268,7 +286,7 @@ def _policy_bwd(logp, old, ref, mask, adv, ids, rows, counts, g_losses, cfg):
     dlogp = torch.empty_like(logp)
     _policy_bwd_kernel[(B,)](
         logp, old, ref if ref is not None else logp, mask, adv, ids, rows, counts, g_losses, dlogp,
-        L, A, cfg["lo"], cfg["hi"], cfg["delta"], cfg["beta"],
+        L, A, cfg["Lc"], cfg["lo"], cfg["hi"], cfg["delta"], cfg["beta"],
         LOSS_TYPE=cfg["loss_type"], SEQ_LEVEL=cfg["seq"], HAS_DELTA=cfg["has_delta"],
         HAS_KL=cfg["has_kl"], BLOCK_L=BLOCK_L, num_warps=4,
     )
@@ -301,7 +319,7 @@ class _PolicyLoss(torch.autograd.Function):
 
 def policy_loss_triton(logp, old_logp, advantages, mask, adapter_ids, ref_logp=None,
                        loss_type="dapo", eps_low=0.2, eps_high=0.2, delta=None, beta=0.0,
-                       importance_level="token", num_adapters=None):
+                       importance_level="token", num_adapters=None, max_completion_length=None):
     """Clipped surrogate + k3 KL per adapter (TRL's GRPO loss family), fused, fwd + bwd.
 
     Args:
@@ -317,6 +335,10 @@ def policy_loss_triton(logp, old_logp, advantages, mask, adapter_ids, ref_logp=N
         beta: coefficient of the k3 KL to the reference.
         importance_level: "token" or "sequence" (GSPO: exp of the mean masked log-ratio).
         num_adapters: A; None means ``adapter_ids.max() + 1`` (one host sync).
+        max_completion_length: int >= L, dr_grpo's length normaliser (TRL's
+            ``max_completion_length``): pass your generation cap. None means the padded width
+            L, which makes dr_grpo depend on the batch's longest completion (another adapter's
+            included). Other loss types ignore it (beyond validation).
 
     Returns:
         ``(losses, metrics)``: ``losses`` [A] fp32 (differentiable w.r.t. ``logp``; sum them:
@@ -326,17 +348,20 @@ def policy_loss_triton(logp, old_logp, advantages, mask, adapter_ids, ref_logp=N
 
     Raises:
         ValueError: shape/dtype/device mismatches, unknown ``loss_type`` or
-            ``importance_level``, ``beta != 0`` without ``ref_logp``, adapter ids out of range.
+            ``importance_level``, ``beta != 0`` without ``ref_logp``, adapter ids out of range,
+            ``max_completion_length`` not an int >= 1 or smaller than L.
     """
-    B, L, A = check_policy_loss_inputs(logp, old_logp, advantages, mask, adapter_ids, ref_logp,
-                                       loss_type, eps_low, eps_high, delta, beta,
-                                       importance_level, num_adapters, triton=True)
+    B, L, A, Lc = check_policy_loss_inputs(logp, old_logp, advantages, mask, adapter_ids, ref_logp,
+                                           loss_type, eps_low, eps_high, delta, beta,
+                                           importance_level, num_adapters, triton=True,
+                                           max_completion_length=max_completion_length)
     if B == 0 or A == 0:
         zeros = logp.sum() * 0.0 + logp.new_zeros((A,), dtype=torch.float32)
         return zeros, {k: torch.zeros((A,), device=logp.device) for k in METRIC_NAMES}
     cfg = dict(lo=1.0 - eps_low, hi=1.0 + eps_high, delta=float(delta) if delta is not None else 0.0,
                has_delta=delta is not None, beta=float(beta),
-               has_kl=beta != 0, seq=importance_level == "sequence", loss_type=LOSS_TYPES[loss_type])
+               has_kl=beta != 0, seq=importance_level == "sequence", loss_type=LOSS_TYPES[loss_type],
+               Lc=float(Lc))  # a float: n * Lc in fp32, and no int specialisation / overflow
     mask_f = mask if mask.dtype == torch.float32 else mask.to(torch.float32)
     losses, metrics = _PolicyLoss.apply(
         logp.contiguous(), old_logp.contiguous(), ref_logp.contiguous() if ref_logp is not None else None,
