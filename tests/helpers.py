@@ -47,3 +47,19 @@ def assert_close(actual, expected, dtype, name="tensor"):
     err = rel_rms(actual, expected)
     tol = TOL[dtype]
     assert err <= tol, f"{name}: relative RMS error {err:.3e} > {tol:.1e} ({dtype})"
+
+
+def assert_as_close_as_torch(actual, torch_own, ref64, dtype, name="tensor"):
+    """For results of a whole pipeline (many ops, possible cancellation), where a per-op TOL against
+    another low-precision pipeline is the wrong yardstick: ``actual`` must be at most ~2x as far from
+    the fp64 reference ``ref64`` as PyTorch's own computation ``torch_own`` in ``dtype`` is, plus
+    TOL[dtype] / 2 of slack for results PyTorch happens to get (nearly) exact."""
+    assert actual.shape == ref64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(ref64.shape)}"
+    assert torch_own.shape == ref64.shape, f"{name}: torch shape {tuple(torch_own.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    assert torch.isfinite(ref64).all(), f"{name}: non-finite fp64 reference"
+    err = rel_rms(actual, ref64)
+    own = rel_rms(torch_own, ref64)
+    tol = 2 * own + TOL[dtype] / 2
+    assert err <= tol, (f"{name}: relative RMS error vs fp64 {err:.3e} > 2 x PyTorch's own {own:.3e} "
+                        f"+ TOL/2 {TOL[dtype] / 2:.1e} = {tol:.3e} ({dtype})")

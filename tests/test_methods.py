@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lora_engine as le
-from helpers import TOL, assert_close, rel_rms
+from helpers import TOL, assert_as_close_as_torch, assert_close, rel_rms
 from lora_engine import methods
 from lora_engine.kernels.lora import lora_column_scale_naive, lora_column_scale_triton
 from lora_engine.routing import routing_from_token_ids
@@ -53,6 +53,16 @@ def _grads(engine, ids, adapter_ids, seed=7):
     grads = {i: [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in engine.adapter_parameters(i)]
              for i in engine.adapter_ids}
     return out.detach(), grads
+
+
+def _fp64_copy(engine, monkeypatch):
+    """The same engine, every weight and adapter tensor in fp64: the reference for whole-model
+    results, where PyTorch's own fp32 error (many ops, cancellation) exceeds the per-op TOL.
+    ``column_norm_sq`` accumulates in fp32 by design; for fp64 weights it keeps fp64."""
+    norm_sq = methods.column_norm_sq
+    monkeypatch.setattr(methods, "column_norm_sq", lambda w: torch.linalg.vector_norm(w, dim=1).square()
+                        if w.dtype == torch.float64 else norm_sq(w))
+    return copy.deepcopy(engine).double()
 
 
 # --- the DoRA column-scale epilogue kernel --------------------------------------------------
@@ -187,16 +197,25 @@ def test_triton_matches_reference_for_every_method(monkeypatch):
     _perturb(engine)
     ids = _batch(len(METHODS) + 1)
     adapter_ids = torch.tensor(list(range(len(METHODS))) + [-1])
+    engine64 = _fp64_copy(engine, monkeypatch)
     monkeypatch.setenv("LORA_ENGINE_BACKEND", "naive")
     ref_out, ref = _grads(engine, ids, adapter_ids)
+    out64, ref64 = _grads(engine64, ids, adapter_ids)
     monkeypatch.setenv("LORA_ENGINE_BACKEND", "triton")
     out, got = _grads(engine, ids, adapter_ids)
-    assert_close(out, ref_out, torch.float32, "logits")
+    # Whole model: the Triton path may be at most ~2x as far from fp64 as PyTorch's own fp32 path.
+    assert_as_close_as_torch(out, ref_out, out64, torch.float32, "logits")
     for i, m in enumerate(METHODS):
         assert len(got[i]) > 0
-        for j, (g, r) in enumerate(zip(got[i], ref[i])):
+        kind_of = {id(p): n.rsplit(".", 1)[1] for n, p in engine.bank.named_parameters_of(i).items()}
+        kinds = [kind_of[id(p)] for p in engine.adapter_parameters(i)]
+        for j, r in enumerate(ref[i]):
             assert r.abs().sum() > 0, f"{m}: tensor {j} got no gradient"
-            assert_close(g, r, torch.float32, f"{m} grad {j}")
+        # One check per tensor kind over all modules: a rank-4 VeRA lambda_d gradient alone is a
+        # 4-number statistic whose fp32 error is summation-order luck (PyTorch's own: 3e-7..1.4e-6).
+        for kind in dict.fromkeys(kinds):
+            cat = lambda ts: torch.cat([t.flatten() for t, k in zip(ts, kinds) if k == kind])
+            assert_as_close_as_torch(cat(got[i]), cat(ref[i]), cat(ref64[i]), torch.float32, f"{m} grad {kind}")
 
 
 @pytest.mark.parametrize("method", ["pissa", "milora", "dora", "vera", "full", "lora_fa", "lora"])
@@ -217,13 +236,18 @@ def test_step0_svd_inits_are_the_principal_and_minor_parts_of_w():
     engine = le.MultiLoRAModel(tiny_model(), [le.AdapterSpec(rank=4, alpha=8, method="pissa"),
                                               le.AdapterSpec(rank=4, alpha=8, method="milora")], target_modules=FEW)
     name = "model.layers.0.mlp.down_proj"
-    w = engine.bank.modules_info[name].weight.double()
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    w = engine.bank.modules_info[name].weight
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    u32, s32, vh32 = torch.linalg.svd(w.float(), full_matrices=False)  # PyTorch's own fp32 SVD
     for i, part in ((0, slice(0, 4)), (1, slice(len(s) - 4, None))):
         t = engine.bank.tensors(i, name)
         assert not t["lora_A0"].requires_grad and t["lora_A"].requires_grad
         sba = engine.adapter_spec(i).scale_for(name) * t["lora_B"].double() @ t["lora_A"].double()
-        assert_close(sba, u[:, part] @ torch.diag(s[part]) @ vh[part], torch.float32, f"adapter {i} s B A")
+        # Near-degenerate singular values make the rank-4 part ill-conditioned: compare with fp64
+        # against the error of PyTorch's own fp32 SVD, not the per-op TOL.
+        own = u32[:, part] @ torch.diag(s32[part]) @ vh32[part]
+        assert_as_close_as_torch(sba, own, u[:, part] @ torch.diag(s[part]) @ vh[part], torch.float32,
+                                 f"adapter {i} s B A")
 
 
 def test_lora_fa_never_changes_a():
@@ -339,20 +363,26 @@ def test_matches_peft_output_and_grads(kw):
     res = peft.set_peft_model_state_dict(pm, sd)
     assert not res.unexpected_keys
     assert set(peft.get_peft_model_state_dict(pm)) == set(sd), "our keys are PEFT's keys"
+    pm64 = copy.deepcopy(pm).double()  # PEFT's model in fp64: the reference for both
     ids = _batch(2)
     w = torch.randn(2, 7, 97, generator=torch.Generator().manual_seed(9))
     ours, grads = _grads(engine, ids, torch.tensor([0, 0]), seed=9)
     theirs = pm(ids).logits
     (theirs * w).sum().backward()
-    assert_close(ours, theirs.detach(), torch.float32, "logits vs PEFT")
+    theirs64 = pm64(ids).logits
+    (theirs64 * w.double()).sum().backward()
+    # Whole model: ours may be at most ~2x as far from fp64 as PEFT's own fp32 model is.
+    assert_as_close_as_torch(ours, theirs.detach(), theirs64.detach(), torch.float32, "logits vs PEFT")
     if spec.method == "pissa":
         return  # exported as a rank-2r LoRA: its gradients are not PiSSA's (see the PiSSA test)
     peft_grads = {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    peft_grads64 = {n: p.grad for n, p in pm64.named_parameters() if p.requires_grad}
     n_cmp = 0
     for name, p in engine.bank.named_parameters_of(0).items():
         module, kind = name.rsplit(".", 1)
         suffix = ".weight" if kind in ("lora_A", "lora_B", "lora_magnitude_vector") else ""
-        assert_close(p.grad, peft_grads[f"base_model.model.{module}.{kind}.default{suffix}"], torch.float32, name)
+        key = f"base_model.model.{module}.{kind}.default{suffix}"
+        assert_as_close_as_torch(p.grad, peft_grads[key], peft_grads64[key], torch.float32, name)
         n_cmp += 1
     assert n_cmp == len(peft_grads)
 
@@ -382,13 +412,20 @@ def test_pissa_matches_peft_residual_model_at_step0_and_after_a_perturbation():
                 m.lora_B["default"].weight.copy_(engine.bank.tensors(0, n)["lora_B"])
         ours, grads = _grads(engine, ids, torch.tensor([0, 0]), seed=9)
         pm.zero_grad(set_to_none=True)
+        pm64 = copy.deepcopy(pm).double()  # PEFT's residual model in fp64: the reference
+        mods64 = {n: pm64.get_submodule(f"base_model.model.{n}") for n in lora_mods}
+        w = torch.randn(ours.shape, generator=torch.Generator().manual_seed(9))
         theirs = pm(ids).logits
-        (theirs * torch.randn(theirs.shape, generator=torch.Generator().manual_seed(9))).sum().backward()
-        assert_close(ours, theirs.detach(), torch.float32, f"logits ({step})")
+        (theirs * w).sum().backward()
+        theirs64 = pm64(ids).logits
+        (theirs64 * w.double()).sum().backward()
+        # Whole model: ours may be at most ~2x as far from fp64 as PEFT's own fp32 model is.
+        assert_as_close_as_torch(ours, theirs.detach(), theirs64.detach(), torch.float32, f"logits ({step})")
         for n, m in lora_mods.items():
-            t = engine.bank.tensors(0, n)
-            assert_close(t["lora_A"].grad, m.lora_A["default"].weight.grad, torch.float32, f"{n} dA ({step})")
-            assert_close(t["lora_B"].grad, m.lora_B["default"].weight.grad, torch.float32, f"{n} dB ({step})")
+            t, m64 = engine.bank.tensors(0, n), mods64[n]
+            for k, g in (("lora_A", t["lora_A"].grad), ("lora_B", t["lora_B"].grad)):
+                assert_as_close_as_torch(g, getattr(m, k)["default"].weight.grad,
+                                         getattr(m64, k)["default"].weight.grad, torch.float32, f"{n} d{k[-1]} ({step})")
 
 
 def test_vera_projections_are_shared_and_init_as_peft():
