@@ -45,13 +45,13 @@ def accuracy(engine, task, adapters, n: int, max_new_tokens: int) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", help="local HF model directory, or 'tiny'")
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--prompts", type=int, default=4, help="prompts per adapter per step")
-    ap.add_argument("--samples", type=int, default=4, help="completions per prompt (the GRPO group)")
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per adapter per step")
+    ap.add_argument("--samples", type=int, default=8, help="completions per prompt (the GRPO group)")
+    ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--max-new-tokens", type=int, default=8)
-    ap.add_argument("--eval", type=int, default=32, help="held-out problems for the accuracy")
+    ap.add_argument("--eval", type=int, default=200, help="held-out problems for the accuracy")
     ap.add_argument("--pool", type=int, default=2000, help="train problems to draw from")
     args = ap.parse_args(argv)
 
