@@ -61,8 +61,8 @@ class TrainConfig:
     inner_updates: int = 1
     max_grad_norm: float = 1.0
     # rewards (the task's correctness reward is always on)
-    format_weight: float = 0.0
-    length_weight: float = 0.0
+    format_weight: float = 0.0   # x boxed_format_reward (+bonus one box, -penalty none)
+    length_weight: float = 0.0   # coef of rewards.length_penalty (DAPO's soft overlong penalty)
     # evaluation and checkpoints
     eval_problems: int = 200
     eval_every: int = 0

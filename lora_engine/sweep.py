@@ -31,6 +31,7 @@ import json
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 
 from lora_engine.config import TrainConfig, config_from_dict, tomllib
 
@@ -131,8 +132,6 @@ def module_dims_for(model: str, reference: str | None = None) -> list[tuple[int,
                              "and point [fixed].model at a local model")
         return QWEN3_8B_MODULES
     if model == "tiny":
-        from types import SimpleNamespace
-
         from lora_engine.tiny import TINY_RECIPE
         return _dims_from_config(SimpleNamespace(**TINY_RECIPE["model"]))
     if Path(model).exists():
@@ -285,10 +284,11 @@ def write_results(out_dir) -> Path:
     return path
 
 
-# (in, out) of every linear layer of Qwen3-8B (36 layers; q/o 4096x4096, k/v 4096->1024,
-# gate/up 4096->12288, down 12288->4096): used to plan sweeps of the study at full scale.
-QWEN3_8B_MODULES = [(4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096),
-                    (4096, 12288), (4096, 12288), (12288, 4096)] * 36
+# Qwen3-8B's decoder shapes (36 layers; q/o 4096x4096, k/v 4096->1024, gate/up 4096->12288,
+# down 12288->4096): used to plan sweeps of the study at full scale without the weights.
+QWEN3_8B_MODULES = _dims_from_config(SimpleNamespace(
+    hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128))
 
 
 def describe(spec: SweepSpec, file=sys.stdout) -> None:

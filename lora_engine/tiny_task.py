@@ -28,6 +28,8 @@ import re
 from functools import lru_cache
 from typing import Any
 
+from lora_engine.rewards import extract_boxed  # noqa: F401  (re-exported: part of this module's API)
+
 DATASET = "basic_arithmetic"
 # Two terms, addition only; reasoning-gym draws "2-digit" terms as randint(0, 100), so answers
 # are 0..200 and there are 10,201 distinct prompts. One-digit terms would give only 121, too
@@ -44,7 +46,6 @@ MAX_EVAL = 800  # of the 1,250 distinct eval prompts; more would take ever longe
 EVAL_SEED_OFFSET = 1_000_000_000
 FORGET_CARRY_P = 0.8
 BOXED = "\\boxed{"
-_BOXED_RE = re.compile(r"\\boxed\{([^{}]*)\}")
 _PROMPT_RE = re.compile(r"^(\d+)\+(\d+)=$")
 
 
@@ -133,12 +134,6 @@ def _score_fn():
     import reasoning_gym
 
     return reasoning_gym.get_score_answer_fn(DATASET)
-
-
-def extract_boxed(completion: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` in ``completion`` (None if there is none)."""
-    matches = _BOXED_RE.findall(completion)
-    return matches[-1] if matches else None
 
 
 def score(completion: str, entry_or_answer: dict | str) -> float:

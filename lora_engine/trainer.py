@@ -119,8 +119,10 @@ class GRPOTrainer:
             fmt = boxed_format_reward([p["prompt"] for p in problems], texts, [p["answer"] for p in problems])
             total = [t + self.cfg.format_weight * f for t, f in zip(total, fmt)]
         if self.cfg.length_weight:
-            # Light penalty: the fraction of the token budget used, scaled by length_weight.
-            total = [t - self.cfg.length_weight * n / self.cfg.max_new_tokens for t, n in zip(total, lengths)]
+            from lora_engine.rewards import length_penalty
+            pen = length_penalty(self.cfg.max_new_tokens, coef=self.cfg.length_weight)(
+                [p["prompt"] for p in problems], texts, [p["answer"] for p in problems], completion_lengths=lengths)
+            total = [t + x for t, x in zip(total, pen)]
         return torch.tensor(total, dtype=torch.float32), torch.tensor(correct, dtype=torch.float32)
 
     # -- 4. log-probs from hidden states (fused: no [T, V] logits on the GPU path) -------

@@ -204,3 +204,17 @@ def test_resume_refuses_a_different_config(tmp_path):
     fresh = _trainer(tmp_path, steps=1, beta=0.1, resume=False)
     fresh.fit()
     assert [json.loads(l)["step"] for l in open(tmp_path / "log.jsonl")] == [0] * len(ADAPTERS)
+
+
+def test_length_weight_applies_rewards_length_penalty(tmp_path):
+    from lora_engine.rollout import Rollouts
+
+    tr = _trainer(tmp_path, adapters=ADAPTERS[:1], length_weight=0.5)  # max_new_tokens 5: soft cap 4
+    ids = torch.full((2, 5), 7)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    ro = Rollouts(input_ids=ids, attention_mask=mask, completion_ids=ids, completion_mask=mask,
+                  sampling_logp=torch.zeros(2, 5), truncated=torch.tensor([True, False]),
+                  adapter_ids=torch.tensor([0, 0]), prompt_len=0, prompt_tokens=torch.tensor([0, 0]))
+    problems = tr.task.problems[:2]
+    total, correct = tr.rewards(problems, ro)
+    assert torch.equal(total - correct, torch.tensor([-0.5, 0.0]))
