@@ -376,8 +376,19 @@ class AdapterBank(nn.Module):
         """Ranks/scales of all slots on module ``name`` (rank 0 where an adapter is absent)."""
         return self.plan(name).layout
 
-    def packed(self, name: str, dtype: torch.dtype):
-        """(A_all [sum R, K], B_all [N, sum R]) in layout order, cast to ``dtype`` (differentiable)."""
+    def packed(self, name: str, dtype: torch.dtype, memo: dict | None = None):
+        """(A_all [sum R, K], B_all [N, sum R]) in layout order, cast to ``dtype`` (differentiable).
+
+        ``memo``: as for ``dora_scale``, a dict valid while the adapter weights cannot change (one
+        no-grad routing context); generation then packs each module once, not once per token.
+        """
+        if memo is not None:
+            # Tensor version counters in the key: an in-place update inside the context repacks.
+            versions = tuple(t._version for i in self.plan(name).present for t in self.tensors(i, name).values())
+            key = ("packed", name, dtype, versions)
+            if key not in memo:
+                memo[key] = self.packed(name, dtype)
+            return memo[key]
         info = self.modules_info[name]
         plan = self.plan(name)
         a_list, b_list = [], []

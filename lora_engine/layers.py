@@ -87,14 +87,14 @@ class MultiLoRALinear(nn.Module):
         routing = self.state.routing_for(lead[0], lead[1], x.device)
         x, weight, bias = self._compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])
-        lora_a, lora_b = self.bank.packed(self.name, x.dtype)
+        memo = None if torch.is_grad_enabled() else self.state.memo
+        lora_a, lora_b = self.bank.packed(self.name, x.dtype, memo)
         y = ops.lora_linear(x2, weight, bias, lora_a, lora_b, plan.layout, routing)
         routed = set(routing.seg_adapter)
         dora = [a for a in routed if plan.dora[a]]
         if dora:
             # Generation (no grad) reuses the DoRA norms for every token; training recomputes them
             # each forward, since an optimiser step may have changed A and B in between.
-            memo = None if torch.is_grad_enabled() else self.state.memo
             scale = self.bank.dora_scale(self.name, self.base.weight, sorted(dora), memo)
             fn = lora.lora_column_scale_triton if ops.use_triton(x2) else lora.lora_column_scale_naive
             y = fn(y, self.base.bias, scale, plan.dora, routing)

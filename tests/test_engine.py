@@ -201,3 +201,34 @@ def test_autocast_bf16_on_fp32_model():
             torch_own = rel_rms(own, own_ref)
             assert 0 < torch_own < 0.1
             assert rel_rms(out[rows], ref[rows]) <= 2 * torch_own, f"adapter {a}"
+
+
+def test_generation_packs_each_module_once(monkeypatch):
+    from lora_engine import methods
+
+    engine = _engine()
+    calls = []
+    real = methods.pack
+    monkeypatch.setattr(methods, "pack", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    with torch.no_grad(), engine.use_adapters(torch.tensor([0, 1, 2])):
+        engine.model(_batch(B=3, L=4))
+        one_forward = len(calls)
+        engine.model.generate(_batch(B=3, L=4), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert one_forward > 0 and len(calls) == one_forward, "no-grad decoding must reuse the packed weights"
+    calls.clear()
+    engine(_batch(B=3, L=4), adapter_ids=torch.tensor([0, 1, 2])).logits.sum().backward()
+    assert len(calls) == one_forward, "with grad, every forward packs afresh (weights may have changed)"
+
+
+def test_packed_memo_is_fresh_after_an_in_place_update():
+    engine = _engine()
+    ids = _batch(B=1)
+    b = engine.bank.named_parameters_of(1)["model.layers.0.self_attn.q_proj.lora_B"]
+    with torch.no_grad(), engine.use_adapters(torch.tensor([1])):
+        first = engine.model(ids).logits
+        b.mul_(3.0)
+        second = engine.model(ids).logits
+    with torch.no_grad():
+        fresh = engine(ids, adapter_ids=torch.tensor([1])).logits
+    assert not torch.equal(first, second)
+    assert torch.equal(second, fresh)
