@@ -21,6 +21,7 @@ fwd_bwd_ms over the measured time of 3 plain ``torch.mm(h, W.t())`` of the same 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from common import CSV_PATH, append_rows, bench_ms, peak_memory_mb  # noqa: E402
 
 from lora_engine.kernels.logprobs import token_logprobs_triton  # noqa: E402
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton on a CPU: a smoke check, not a benchmark
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -41,8 +43,9 @@ def naive_logprobs(h, w, y, temperature: float):
 
 def providers(cuda: bool) -> dict:
     out = {"naive": naive_logprobs, "torch_compile": torch.compile(naive_logprobs)}
-    if cuda:
+    if cuda or INTERPRET:
         out["triton"] = lambda h, w, y, t: token_logprobs_triton(h, w, y, temperature=t)
+    if cuda:
         try:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
             liger = LigerFusedLinearCrossEntropyLoss(reduction="sum")
@@ -52,7 +55,7 @@ def providers(cuda: bool) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv=None) -> list:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--T", type=int, default=16384 if cuda else 256)
@@ -62,7 +65,7 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--providers", default="", help="comma list; default: all available")
     p.add_argument("--csv", type=Path, default=CSV_PATH)
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     T, d, V, dtype = args.T, args.d, args.V, DTYPES[args.dtype]
     dev = "cuda" if cuda else "cpu"
@@ -102,6 +105,7 @@ def main() -> None:
         rows += [dict(op="logprobs", provider=name, shape=shape, metric=k, value=v)
                  for k, v in metrics.items()]
     append_rows(rows, args.csv)
+    return rows
 
 
 if __name__ == "__main__":

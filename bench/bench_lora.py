@@ -15,13 +15,14 @@ fwd_bwd (forward + dx + every dA_a, dB_a).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import append_rows, bench_ms, peak_memory_mb  # noqa: E402
+from common import CSV_PATH, append_rows, bench_ms, peak_memory_mb  # noqa: E402
 
 from lora_engine.kernels.lora import LoRALayout  # noqa: E402
 from lora_engine.routing import routing_from_token_ids  # noqa: E402
@@ -96,8 +97,8 @@ def provider_fn(name):
 
 
 def available(name, device, dtype) -> bool:
-    if name == "triton":
-        return device == "cuda"
+    if name == "triton":  # the CPU interpreter runs it too (a smoke check, not a benchmark)
+        return device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     if name == "grouped_mm":
         return device == "cuda" and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
     return True
@@ -125,12 +126,16 @@ def main(argv=None):
     p.add_argument("--providers", default="base,naive,torch_compile,triton,grouped_mm")
     p.add_argument("--modes", default="fwd,fwd_dx,fwd_bwd")
     p.add_argument("--dtype", default=None, help="bf16 on a GPU, fp32 on a CPU by default")
+    p.add_argument("--shapes", default=None, help="TxKxN,... (default: Qwen3-8B projections on a GPU)")
+    p.add_argument("--csv", type=Path, default=CSV_PATH)
     p.add_argument("--no-csv", action="store_true")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device == "cuda" else "fp32")]
     shapes = GPU_SHAPES if device == "cuda" else CPU_SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     rows = []
     for (T, K, N) in shapes:
         inputs = make_inputs(T, K, N, RANKS16, dtype, device)
@@ -155,7 +160,8 @@ def main(argv=None):
                     rows.append({"op": f"lora_{mode}", "provider": prov, "shape": shape,
                                  "metric": metric, "value": f"{value:.4f}"})
     if not args.no_csv:
-        append_rows(rows)
+        append_rows(rows, args.csv)
+    return rows
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ backward reads them again and writes dlogp:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -54,13 +55,13 @@ def providers(cuda: bool, A: int) -> dict:
             lp, old, adv, m, ids, ref_logp=ref, **kw)[0],
         "torch_compile": lambda lp, old, adv, m, ids, ref: compiled(lp, old, adv, m, ids, ref, A),
     }
-    if cuda:
+    if cuda or os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter: a smoke check only
         out["triton"] = lambda lp, old, adv, m, ids, ref: policy_loss_triton(
             lp, old, adv, m, ids, ref_logp=ref, **kw)[0]
     return out
 
 
-def main() -> None:
+def main(argv=None) -> list:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--B", type=int, default=256 if cuda else 64)
@@ -68,7 +69,7 @@ def main() -> None:
     p.add_argument("--A", type=int, default=8 if cuda else 4)
     p.add_argument("--providers", default="", help="comma list; default: all available")
     p.add_argument("--csv", type=Path, default=CSV_PATH)
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     B, L, A = args.B, args.L, args.A
     dev = "cuda" if cuda else "cpu"
@@ -109,6 +110,7 @@ def main() -> None:
         rows += [dict(op="policy_loss", provider=name, shape=shape, metric=k, value=v)
                  for k, v in metrics.items()]
     append_rows(rows, args.csv)
+    return rows
 
 
 if __name__ == "__main__":

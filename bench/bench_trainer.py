@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import append_rows  # noqa: E402
+from common import CSV_PATH, append_rows  # noqa: E402
 
 from lora_engine.config import config_from_dict  # noqa: E402
 from lora_engine.trainer import GRPOTrainer  # noqa: E402
@@ -78,6 +79,8 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=None)
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--output-dir", default=None, help="trainer logs (default: a fresh temporary folder)")
+    p.add_argument("--csv", type=Path, default=CSV_PATH)
     p.add_argument("--no-csv", action="store_true")
     args = p.parse_args(argv)
     gpu = torch.cuda.is_available()
@@ -88,13 +91,14 @@ def main(argv=None):
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(
         device="cuda" if gpu else "cpu", dtype=torch.bfloat16 if gpu else torch.float32).eval()
     n_params = sum(p.numel() for p in model.parameters())
+    out_dir = args.output_dir or tempfile.mkdtemp(prefix="bench_trainer_")
     rows = []
     for n_adapters in [int(a) for a in args.adapters.split(",")]:
         tcfg = config_from_dict({
             "adapters": [{"rank": args.rank, "seed": i, "lr": 1e-5} for i in range(n_adapters)],
             "prompts_per_step": args.prompts, "samples_per_prompt": args.samples,
             "max_new_tokens": new_tokens, "steps": args.steps + 1, "eval_problems": 1,
-            "dtype": "bfloat16" if gpu else "float32", "progress": False, "output_dir": "/tmp/bench_trainer"})
+            "dtype": "bfloat16" if gpu else "float32", "progress": False, "output_dir": out_dir})
         trainer = GRPOTrainer(tcfg, model=model, tokenizer=IdTokenizer(), task=RandomPromptTask(cfg.vocab_size, prompt_len))
         if gpu:
             torch.cuda.synchronize()
@@ -120,7 +124,8 @@ def main(argv=None):
                          "value": f"{value:.4f}"})
         trainer.engine.detach()
     if not args.no_csv:
-        append_rows(rows)
+        append_rows(rows, args.csv)
+    return rows
 
 
 if __name__ == "__main__":

@@ -39,8 +39,13 @@ def env_info() -> dict:
 
 
 def bench_ms(fn, warmup: int = 3, rep: int = 10) -> float:
-    """Median milliseconds of ``fn()``: triton.testing.do_bench on a GPU, wall clock on a CPU."""
-    if torch.cuda.is_available():
+    """Median milliseconds of ``fn()``: triton.testing.do_bench on a GPU, wall clock on a CPU.
+
+    ``LORA_ENGINE_BENCH_QUICK=1`` calls ``fn`` once (the smoke tests: does every provider run?).
+    """
+    if os.environ.get("LORA_ENGINE_BENCH_QUICK") == "1":
+        warmup, rep = 0, 1
+    elif torch.cuda.is_available():
         import triton.testing
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
     for _ in range(warmup):
