@@ -133,12 +133,16 @@ class GRPOTrainer:
         with self.engine.use_adapters(adapter_ids):
             h = decoder(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=pos).last_hidden_state
         P, C = ro.prompt_len, ro.completion_ids.shape[1]
-        h = h[:, P - 1:P + C - 1].reshape(-1, h.shape[-1])
-        res = ops.token_logprobs(h, model.get_output_embeddings().weight, ro.completion_ids.reshape(-1),
+        # Only generated tokens go through the LM head: padding after EOS costs no [*, V] GEMM.
+        # Padded positions hold 0 (log-ratio 0, weight 0 in the loss; masked in every metric).
+        idx = ro.completion_mask.reshape(-1).nonzero().squeeze(1).to(h.device)
+        h = h[:, P - 1:P + C - 1].reshape(-1, h.shape[-1]).index_select(0, idx)
+        res = ops.token_logprobs(h, model.get_output_embeddings().weight,
+                                 ro.completion_ids.reshape(-1).to(h.device).index_select(0, idx),
                                  temperature=self.cfg.temperature, return_entropy=entropy)
-        if entropy:
-            return res[0].view(-1, C), res[1].view(-1, C)
-        return res.view(-1, C)
+        res = res if entropy else (res,)
+        full = [r.new_zeros(ro.completion_ids.numel()).index_put((idx,), r).view(-1, C) for r in res]
+        return tuple(full) if entropy else full[0]
 
     # -- 5. one training step -----------------------------------------------------------
     def step(self, step: int) -> dict[int, dict]:

@@ -218,3 +218,35 @@ def test_length_weight_applies_rewards_length_penalty(tmp_path):
     problems = tr.task.problems[:2]
     total, correct = tr.rewards(problems, ro)
     assert torch.equal(total - correct, torch.tensor([-0.5, 0.0]))
+
+
+def test_token_logprobs_only_generated_tokens_go_through_the_lm_head(tmp_path, monkeypatch):
+    """Generated positions get log p(token) and entropy of the full softmax; padding after EOS
+    holds 0 and is never projected onto the vocabulary."""
+    tr = _trainer(tmp_path, max_new_tokens=6)
+    _, _, ro = tr.rollout(0)
+    assert (ro.completion_mask == 0).any(), "the test needs a rollout with padding after EOS"
+    from lora_engine import ops
+    seen, real = [], ops.token_logprobs
+
+    def spy(h, w, t, **kw):
+        seen.append(h.shape[0])
+        return real(h, w, t, **kw)
+
+    monkeypatch.setattr(ops, "token_logprobs", spy)
+    with torch.no_grad():
+        logp, ent = tr.token_logprobs(ro, ro.adapter_ids, entropy=True)
+    assert seen == [int(ro.completion_mask.sum())]  # rows projected onto the vocabulary
+
+    P, C = ro.prompt_len, ro.completion_ids.shape[1]
+    pos = (ro.attention_mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad(), tr.engine.use_adapters(ro.adapter_ids):
+        logits = tr.engine.model(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
+                                 position_ids=pos).logits[:, P - 1:P + C - 1].double()
+    lsm = torch.log_softmax(logits / tr.cfg.temperature, -1)
+    want_lp = lsm.gather(-1, ro.completion_ids[..., None]).squeeze(-1)
+    want_ent = -(lsm.exp() * lsm).sum(-1)
+    m = ro.completion_mask.bool()
+    assert_close(logp[m].double(), want_lp[m], dtype=torch.float32)
+    assert_close(ent[m].double(), want_ent[m], dtype=torch.float32)
+    assert (logp[~m] == 0).all() and (ent[~m] == 0).all()
