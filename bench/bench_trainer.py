@@ -15,6 +15,7 @@ second of a whole step), seconds per step, and peak memory.
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import tempfile
 import time
@@ -60,8 +61,8 @@ class RandomPromptTask:
         return [sum(int(t) % 2 == 0 for t in c.split()) / max(len(c.split()), 1) for c in completions]
 
 
-def model_config(gpu: bool):
-    if gpu:
+def model_config(size: str):
+    if size == "0.6b":
         return transformers.Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072,
                                         num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
                                         head_dim=128, max_position_embeddings=4096, tie_word_embeddings=True)
@@ -79,6 +80,8 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=None)
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--model", choices=["0.6b", "tiny"], default=None,
+                   help="0.6b: the Qwen3-0.6B shape (default on a GPU); tiny: 2 layers, vocab 512 (CPU default)")
     p.add_argument("--output-dir", default=None, help="trainer logs (default: a fresh temporary folder)")
     p.add_argument("--csv", type=Path, default=CSV_PATH)
     p.add_argument("--no-csv", action="store_true")
@@ -87,7 +90,8 @@ def main(argv=None):
     prompt_len = args.prompt_len or (256 if gpu else 8)
     new_tokens = args.new_tokens or (256 if gpu else 8)
     torch.manual_seed(0)
-    cfg = model_config(gpu)
+    size = args.model or ("0.6b" if gpu else "tiny")
+    cfg = model_config(size)
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(
         device="cuda" if gpu else "cpu", dtype=torch.bfloat16 if gpu else torch.float32).eval()
     n_params = sum(p.numel() for p in model.parameters())
@@ -114,12 +118,15 @@ def main(argv=None):
                 continue  # warm-up: Triton compilation, cuBLAS heuristics
             tokens += sum(r["tokens_step"] for r in out.values())
             wall += dt
-        peak = torch.cuda.max_memory_allocated() / 2**30 if gpu else float("nan")
+        # GPU: peak CUDA memory of this adapter count; CPU: the process's peak RSS so far (monotone).
+        peak = (torch.cuda.max_memory_allocated() if gpu else
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
         tok_s = tokens / wall
         print(f"{n_adapters:3d} adapters (rank {args.rank}): {tok_s:10.1f} tokens/s  {wall / args.steps:7.2f} s/step  "
-              f"peak {peak:6.2f} GiB  (base {n_params / 1e6:.0f}M params)")
-        shape = f"adapters={n_adapters},rank={args.rank},prompts={args.prompts}x{args.samples},P={prompt_len},C={new_tokens}"
-        for metric, value in (("tokens_per_s", tok_s), ("s_per_step", wall / args.steps), ("peak_gib", peak)):
+              f"{'peak' if gpu else 'max RSS'} {peak:6.2f} GiB  (base {n_params / 1e6:.0f}M params)")
+        shape = f"adapters={n_adapters},model={size},rank={args.rank},prompts={args.prompts}x{args.samples},P={prompt_len},C={new_tokens}"
+        mem_metric = "peak_gib" if gpu else "max_rss_gib"
+        for metric, value in (("tokens_per_s", tok_s), ("s_per_step", wall / args.steps), (mem_metric, peak)):
             rows.append({"op": "grpo_step", "provider": "lora_engine", "shape": shape, "metric": metric,
                          "value": f"{value:.4f}"})
         trainer.engine.detach()
