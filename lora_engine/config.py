@@ -59,6 +59,9 @@ class TrainConfig:
     scale_rewards: str = "std"
     drop_zero_variance: bool = False
     inner_updates: int = 1
+    # sequences per forward/backward (gradient accumulation); 0 = the whole rollout batch at once.
+    # Changes peak memory, not the update: every adapter's loss keeps its whole-batch normaliser.
+    micro_batch_size: int = 0
     max_grad_norm: float = 1.0
     # rewards (the task's correctness reward is always on)
     format_weight: float = 0.0   # x boxed_format_reward (+bonus one box, -penalty none)
@@ -91,6 +94,9 @@ class TrainConfig:
         for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "inner_updates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not isinstance(self.micro_batch_size, int) or self.micro_batch_size < 0:
+            raise ValueError(f"micro_batch_size must be an int >= 0 (0 = the whole batch at once), "
+                             f"got {self.micro_batch_size!r}")
         if self.samples_per_prompt < 2:
             raise ValueError("samples_per_prompt must be >= 2: group-normalised advantages need a group")
         if not 0 < self.top_p <= 1:

@@ -156,28 +156,80 @@ class GRPOTrainer:
                                         drop_zero_variance=cfg.drop_zero_variance)
         mask = ro.completion_mask.float() * keep.float()[:, None].to(ro.completion_mask.device)
         device = ro.input_ids.device
-        adv = adv.to(device)
+        adv, ids_dev = adv.to(device), adapter_ids.to(device)
+        chunks = self._micro_batches(len(adapter_ids), device)
         with torch.no_grad():
-            ref = self.token_logprobs(ro, torch.full_like(adapter_ids, -1)) if cfg.beta > 0 else None
-            old = self.token_logprobs(ro, adapter_ids) if cfg.inner_updates > 1 else None
-        skipped, grad_norms, metrics, entropy = set(), {}, None, None
+            ref = self._stitch(ro, chunks, -1) if cfg.beta > 0 else None
+            old = self._stitch(ro, chunks, adapter_ids) if cfg.inner_updates > 1 else None
+        # Each micro-batch's per-adapter loss is rescaled from its own normaliser to the whole
+        # batch's (sequences for grpo/dr_grpo, tokens for bnpo/dapo; metrics are token means),
+        # so the accumulated gradient is the whole-batch gradient whatever the micro-batch size.
+        A = self.engine.bank.num_slots
+        full_loss_den, full_tok_den = self._normalisers(ids_dev, mask, A)
+        skipped, grad_norms = set(), {}
+        entropy = torch.zeros_like(mask)
         for _ in range(cfg.inner_updates):
-            logp, ent = self.token_logprobs(ro, adapter_ids, entropy=True)
-            entropy = ent.detach()
-            losses, metrics = ops.policy_loss(
-                logp, old if old is not None else logp.detach(), adv, mask, adapter_ids.to(device),
-                ref_logp=ref, loss_type=cfg.loss_type, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                delta=cfg.delta, beta=cfg.beta, num_adapters=self.engine.bank.num_slots,
-                max_completion_length=cfg.max_new_tokens)
-            losses.sum().backward()
+            total = torch.zeros(A, device=device)
+            metrics = None
+            for idx in chunks:
+                sub = self._select(ro, idx)
+                logp, ent = self.token_logprobs(sub, sub.adapter_ids, entropy=True)
+                entropy[idx] = ent.detach()
+                losses, m = ops.policy_loss(
+                    logp, old[idx] if old is not None else logp.detach(), adv[idx], mask[idx], ids_dev[idx],
+                    ref_logp=ref[idx] if ref is not None else None, loss_type=cfg.loss_type,
+                    eps_low=cfg.eps_low, eps_high=cfg.eps_high, delta=cfg.delta, beta=cfg.beta,
+                    num_adapters=A, max_completion_length=cfg.max_new_tokens)
+                loss_den, tok_den = self._normalisers(ids_dev[idx], mask[idx], A)
+                w_loss, w_tok = loss_den / full_loss_den, tok_den / full_tok_den
+                (losses * w_loss).sum().backward()
+                total += losses.detach() * w_loss
+                part = {k: v * w_tok for k, v in m.items()}
+                metrics = part if metrics is None else {k: metrics[k] + part[k] for k in part}
             for a in self.ids:
-                norm = self._adapter_step(a, losses[a])
+                norm = self._adapter_step(a, total[a])
                 grad_norms[a] = norm
                 if not math.isfinite(norm):
                     skipped.add(a)
         wall = time.perf_counter() - t0
         return self._step_metrics(step, ro, reward, correct, adv, keep, mask, entropy, metrics,
                                   grad_norms, skipped, wall)
+
+    def _micro_batches(self, B: int, device) -> list[torch.Tensor]:
+        n = self.cfg.micro_batch_size or B
+        return [torch.arange(i, min(i + n, B), device=device) for i in range(0, B, n)]
+
+    @staticmethod
+    def _select(ro: Rollouts, idx: torch.Tensor) -> Rollouts:
+        """The rows idx of a rollout batch (same prompt width P and completion width C)."""
+        if idx.numel() == ro.input_ids.shape[0]:  # micro-batches are ordered ranges: all rows
+            return ro
+        cpu = idx.cpu()
+        return Rollouts(input_ids=ro.input_ids[idx], attention_mask=ro.attention_mask[idx],
+                        completion_ids=ro.completion_ids[idx], completion_mask=ro.completion_mask[idx],
+                        sampling_logp=ro.sampling_logp[idx], truncated=ro.truncated[cpu.to(ro.truncated.device)],
+                        adapter_ids=ro.adapter_ids[cpu.to(ro.adapter_ids.device)], prompt_len=ro.prompt_len,
+                        prompt_tokens=ro.prompt_tokens[cpu.to(ro.prompt_tokens.device)])
+
+    def _stitch(self, ro: Rollouts, chunks, adapter_ids) -> torch.Tensor:
+        """[B, C] log-probs of the whole batch computed one micro-batch at a time (no grad).
+        adapter_ids: [B] ids, or -1 for the base (the reference policy)."""
+        out = torch.zeros(ro.completion_mask.shape, device=ro.input_ids.device)
+        for idx in chunks:
+            sub = self._select(ro, idx)
+            ids = torch.full_like(sub.adapter_ids, -1) if isinstance(adapter_ids, int) else sub.adapter_ids
+            out[idx] = self.token_logprobs(sub, ids)
+        return out
+
+    def _normalisers(self, ids: torch.Tensor, mask: torch.Tensor, A: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per adapter: the loss normaliser of cfg.loss_type without its constants (sequences
+        for grpo/dr_grpo, masked tokens for bnpo/dapo) and the token count of the metrics,
+        each clamped to >= 1 as the policy loss clamps them."""
+        tok = torch.zeros(A, device=mask.device).index_add(0, ids, mask.float().sum(-1)).clamp(min=1.0)
+        if self.cfg.loss_type in ("grpo", "dr_grpo"):
+            seq = torch.bincount(ids, minlength=A).float().clamp(min=1.0)
+            return seq, tok
+        return tok, tok
 
     def _adapter_step(self, a: int, loss: torch.Tensor) -> float:
         """Clip and step adapter a alone; a non-finite loss or gradient skips its step."""
@@ -282,7 +334,7 @@ class GRPOTrainer:
     # Fields a resumed run may change (extend steps, evaluate more often...); any other change
     # means the checkpoint belongs to a different experiment.
     RESUME_MAY_CHANGE = ("steps", "progress", "resume", "eval_every", "eval_problems", "eval_samples",
-                         "checkpoint_every", "output_dir", "device")
+                         "checkpoint_every", "output_dir", "device", "micro_batch_size")
 
     def _resume_key(self) -> dict:
         d = self.cfg.to_dict()
