@@ -6,6 +6,7 @@ family (the numbers only show that the script runs). Prompts are random token id
 is a cheap function of the sampled tokens, so the loop does real GRPO work (rollout, log-probs,
 fused loss, per-adapter AdamW) without a dataset or a tokenizer.
 
+Sequences go through the forward/backward `--micro-batch` at a time (gradient accumulation).
 Reports, per adapter count: tokens/s (prompt + completion tokens of all adapters' rollouts per
 second of a whole step), seconds per step, and peak memory.
 
@@ -80,6 +81,8 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=None)
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="sequences per forward/backward (default: 16 with the 0.6b model, else all)")
     p.add_argument("--model", choices=["0.6b", "tiny"], default=None,
                    help="0.6b: the Qwen3-0.6B shape (default on a GPU); tiny: 2 layers, vocab 512 (CPU default)")
     p.add_argument("--output-dir", default=None, help="trainer logs (default: a fresh temporary folder)")
@@ -92,6 +95,7 @@ def main(argv=None):
     torch.manual_seed(0)
     size = args.model or ("0.6b" if gpu else "tiny")
     cfg = model_config(size)
+    micro = args.micro_batch if args.micro_batch is not None else (16 if size == "0.6b" else 0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(
         device="cuda" if gpu else "cpu", dtype=torch.bfloat16 if gpu else torch.float32).eval()
     n_params = sum(p.numel() for p in model.parameters())
@@ -101,7 +105,7 @@ def main(argv=None):
         tcfg = config_from_dict({
             "adapters": [{"rank": args.rank, "seed": i, "lr": 1e-5} for i in range(n_adapters)],
             "prompts_per_step": args.prompts, "samples_per_prompt": args.samples,
-            "max_new_tokens": new_tokens, "steps": args.steps + 1, "eval_problems": 1,
+            "max_new_tokens": new_tokens, "steps": args.steps + 1, "eval_problems": 1, "micro_batch_size": micro,
             "dtype": "bfloat16" if gpu else "float32", "progress": False, "output_dir": out_dir})
         trainer = GRPOTrainer(tcfg, model=model, tokenizer=IdTokenizer(), task=RandomPromptTask(cfg.vocab_size, prompt_len))
         if gpu:
@@ -124,7 +128,7 @@ def main(argv=None):
         tok_s = tokens / wall
         print(f"{n_adapters:3d} adapters (rank {args.rank}): {tok_s:10.1f} tokens/s  {wall / args.steps:7.2f} s/step  "
               f"{'peak' if gpu else 'max RSS'} {peak:6.2f} GiB  (base {n_params / 1e6:.0f}M params)")
-        shape = f"adapters={n_adapters},model={size},rank={args.rank},prompts={args.prompts}x{args.samples},P={prompt_len},C={new_tokens}"
+        shape = f"adapters={n_adapters},model={size},rank={args.rank},prompts={args.prompts}x{args.samples},P={prompt_len},C={new_tokens},micro={micro}"
         mem_metric = "peak_gib" if gpu else "max_rss_gib"
         for metric, value in (("tokens_per_s", tok_s), ("s_per_step", wall / args.steps), (mem_metric, peak)):
             rows.append({"op": "grpo_step", "provider": "lora_engine", "shape": shape, "metric": metric,
