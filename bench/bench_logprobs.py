@@ -21,18 +21,16 @@ fwd_bwd_ms over the measured time of 3 plain ``torch.mm(h, W.t())`` of the same 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CSV_PATH, append_rows, bench_ms, peak_memory_mb  # noqa: E402
+from common import CSV_PATH, append_rows, bench_ms, peak_memory_mb, triton_runs  # noqa: E402
 
 from lora_engine.kernels.logprobs import token_logprobs_triton  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton on a CPU: a smoke check, not a benchmark
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -43,7 +41,7 @@ def naive_logprobs(h, w, y, temperature: float):
 
 def providers(cuda: bool) -> dict:
     out = {"naive": naive_logprobs, "torch_compile": torch.compile(naive_logprobs)}
-    if cuda or INTERPRET:
+    if triton_runs():
         out["triton"] = lambda h, w, y, t: token_logprobs_triton(h, w, y, temperature=t)
     if cuda:
         try:

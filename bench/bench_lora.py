@@ -15,14 +15,13 @@ fwd_bwd (forward + dx + every dA_a, dB_a).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CSV_PATH, append_rows, bench_ms, peak_memory_mb  # noqa: E402
+from common import CSV_PATH, append_rows, bench_ms, peak_memory_mb, triton_runs  # noqa: E402
 
 from lora_engine.kernels.lora import LoRALayout  # noqa: E402
 from lora_engine.routing import routing_from_token_ids  # noqa: E402
@@ -97,8 +96,8 @@ def provider_fn(name):
 
 
 def available(name, device, dtype) -> bool:
-    if name == "triton":  # the CPU interpreter runs it too (a smoke check, not a benchmark)
-        return device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if name == "triton":
+        return triton_runs()
     if name == "grouped_mm":
         return device == "cuda" and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
     return True

@@ -19,14 +19,13 @@ backward reads them again and writes dlogp:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CSV_PATH, append_rows, bench_ms, peak_memory_mb  # noqa: E402
+from common import CSV_PATH, append_rows, bench_ms, peak_memory_mb, triton_runs  # noqa: E402
 
 from lora_engine.kernels.policy_loss import policy_loss_naive, policy_loss_triton  # noqa: E402
 
@@ -55,7 +54,7 @@ def providers(cuda: bool, A: int) -> dict:
             lp, old, adv, m, ids, ref_logp=ref, **kw)[0],
         "torch_compile": lambda lp, old, adv, m, ids, ref: compiled(lp, old, adv, m, ids, ref, A),
     }
-    if cuda or os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter: a smoke check only
+    if triton_runs():
         out["triton"] = lambda lp, old, adv, m, ids, ref: policy_loss_triton(
             lp, old, adv, m, ids, ref_logp=ref, **kw)[0]
     return out

@@ -38,6 +38,11 @@ def env_info() -> dict:
             "git_sha": sha, "date": _dt.date.today().isoformat()}
 
 
+def triton_runs() -> bool:
+    """Triton providers run on a GPU, or under the CPU interpreter (a smoke check, not a benchmark)."""
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def bench_ms(fn, warmup: int = 3, rep: int = 10) -> float:
     """Median milliseconds of ``fn()``: triton.testing.do_bench on a GPU, wall clock on a CPU.
 

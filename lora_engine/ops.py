@@ -56,6 +56,23 @@ def token_logprobs(hidden, lm_head_weight, targets, temperature=1.0, return_entr
               return_entropy=return_entropy)
 
 
+def masked_token_logprobs(hidden, lm_head_weight, targets, mask, temperature=1.0, return_entropy=False):
+    """``token_logprobs`` of the positions with ``mask != 0`` only, scattered back to [B, L].
+
+    hidden [B, L, d], targets and mask [B, L]. Only kept rows go through the LM head, so padding
+    costs no [*, V] GEMM (and padded positions may hold any target id); they hold 0 in the
+    result (entropy too). Returns logp [B, L] fp32, or (logp, entropy) with ``return_entropy``.
+    """
+    B, L, d = hidden.shape
+    idx = (mask != 0).reshape(-1).nonzero().squeeze(1).to(hidden.device)
+    res = token_logprobs(hidden.reshape(-1, d).index_select(0, idx), lm_head_weight,
+                         targets.reshape(-1).to(hidden.device).index_select(0, idx),
+                         temperature=temperature, return_entropy=return_entropy)
+    res = res if return_entropy else (res,)
+    full = tuple(r.new_zeros(B * L).index_put((idx,), r).view(B, L) for r in res)
+    return full if return_entropy else full[0]
+
+
 def policy_loss(logp, old_logp, advantages, mask, adapter_ids, ref_logp=None,
                 loss_type="dapo", eps_low=0.2, eps_high=0.2, delta=None, beta=0.0,
                 importance_level="token", num_adapters=None, max_completion_length=None):
@@ -106,17 +123,13 @@ def fused_policy_loss_from_hidden(hidden, lm_head_weight, targets, old_logp, adv
     """
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         raise ValueError("hidden must be [B, L, d]; reshape the completion hidden states")
-    B, L, d = hidden.shape
+    B, L = hidden.shape[:2]
     for name, t in (("targets", targets), ("mask", mask), ("old_logp", old_logp)):
         if not isinstance(t, torch.Tensor) or t.shape != (B, L):
             raise ValueError(f"{name} must be [B, L]=[{B}, {L}] like hidden's first two dims, got "
                              f"{getattr(t, 'shape', type(t))}")
-    keep = (mask != 0).reshape(-1)
-    idx = keep.nonzero().squeeze(1)
-    logp_kept = token_logprobs(hidden.reshape(-1, d).index_select(0, idx), lm_head_weight,
-                               targets.reshape(-1).index_select(0, idx), temperature=temperature)
     # Masked-out positions hold 0: the policy loss reads them as log-ratio 0 and weight 0.
-    logp = logp_kept.new_zeros(B * L).index_put((idx,), logp_kept).view(B, L)
+    logp = masked_token_logprobs(hidden, lm_head_weight, targets, mask, temperature=temperature)
     return policy_loss(logp, old_logp, advantages, mask, adapter_ids, ref_logp=ref_logp,
                        loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, delta=delta,
                        beta=beta, importance_level=importance_level, num_adapters=num_adapters,

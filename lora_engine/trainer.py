@@ -133,16 +133,11 @@ class GRPOTrainer:
         with self.engine.use_adapters(adapter_ids):
             h = decoder(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=pos).last_hidden_state
         P, C = ro.prompt_len, ro.completion_ids.shape[1]
-        # Only generated tokens go through the LM head: padding after EOS costs no [*, V] GEMM.
-        # Padded positions hold 0 (log-ratio 0, weight 0 in the loss; masked in every metric).
-        idx = ro.completion_mask.reshape(-1).nonzero().squeeze(1).to(h.device)
-        h = h[:, P - 1:P + C - 1].reshape(-1, h.shape[-1]).index_select(0, idx)
-        res = ops.token_logprobs(h, model.get_output_embeddings().weight,
-                                 ro.completion_ids.reshape(-1).to(h.device).index_select(0, idx),
-                                 temperature=self.cfg.temperature, return_entropy=entropy)
-        res = res if entropy else (res,)
-        full = [r.new_zeros(ro.completion_ids.numel()).index_put((idx,), r).view(-1, C) for r in res]
-        return tuple(full) if entropy else full[0]
+        # Only generated tokens go through the LM head; padding after EOS holds 0 (log-ratio 0,
+        # weight 0 in the loss, masked in every metric).
+        return ops.masked_token_logprobs(h[:, P - 1:P + C - 1], model.get_output_embeddings().weight,
+                                         ro.completion_ids, ro.completion_mask,
+                                         temperature=self.cfg.temperature, return_entropy=entropy)
 
     # -- 5. one training step -----------------------------------------------------------
     def step(self, step: int) -> dict[int, dict]:
@@ -159,8 +154,8 @@ class GRPOTrainer:
         adv, ids_dev = adv.to(device), adapter_ids.to(device)
         chunks = self._micro_batches(len(adapter_ids), device)
         with torch.no_grad():
-            ref = self._stitch(ro, chunks, -1) if cfg.beta > 0 else None
-            old = self._stitch(ro, chunks, adapter_ids) if cfg.inner_updates > 1 else None
+            ref = self._stitch(ro, chunks, base=True) if cfg.beta > 0 else None
+            old = self._stitch(ro, chunks, base=False) if cfg.inner_updates > 1 else None
         # Each micro-batch's per-adapter loss is rescaled from its own normaliser to the whole
         # batch's (sequences for grpo/dr_grpo, tokens for bnpo/dapo; metrics are token means),
         # so the accumulated gradient is the whole-batch gradient whatever the micro-batch size.
@@ -204,20 +199,21 @@ class GRPOTrainer:
         """The rows idx of a rollout batch (same prompt width P and completion width C)."""
         if idx.numel() == ro.input_ids.shape[0]:  # micro-batches are ordered ranges: all rows
             return ro
-        cpu = idx.cpu()
-        return Rollouts(input_ids=ro.input_ids[idx], attention_mask=ro.attention_mask[idx],
-                        completion_ids=ro.completion_ids[idx], completion_mask=ro.completion_mask[idx],
-                        sampling_logp=ro.sampling_logp[idx], truncated=ro.truncated[cpu.to(ro.truncated.device)],
-                        adapter_ids=ro.adapter_ids[cpu.to(ro.adapter_ids.device)], prompt_len=ro.prompt_len,
-                        prompt_tokens=ro.prompt_tokens[cpu.to(ro.prompt_tokens.device)])
+        def take(t):
+            return t[idx.to(t.device)]
+        return Rollouts(input_ids=take(ro.input_ids), attention_mask=take(ro.attention_mask),
+                        completion_ids=take(ro.completion_ids), completion_mask=take(ro.completion_mask),
+                        sampling_logp=take(ro.sampling_logp), truncated=take(ro.truncated),
+                        adapter_ids=take(ro.adapter_ids), prompt_len=ro.prompt_len,
+                        prompt_tokens=take(ro.prompt_tokens))
 
-    def _stitch(self, ro: Rollouts, chunks, adapter_ids) -> torch.Tensor:
-        """[B, C] log-probs of the whole batch computed one micro-batch at a time (no grad).
-        adapter_ids: [B] ids, or -1 for the base (the reference policy)."""
+    def _stitch(self, ro: Rollouts, chunks, base: bool) -> torch.Tensor:
+        """[B, C] log-probs of the whole batch computed one micro-batch at a time (no grad):
+        each row's own adapter, or with ``base`` the base model (the reference policy)."""
         out = torch.zeros(ro.completion_mask.shape, device=ro.input_ids.device)
         for idx in chunks:
             sub = self._select(ro, idx)
-            ids = torch.full_like(sub.adapter_ids, -1) if isinstance(adapter_ids, int) else sub.adapter_ids
+            ids = torch.full_like(sub.adapter_ids, -1) if base else sub.adapter_ids
             out[idx] = self.token_logprobs(sub, ids)
         return out
 

@@ -279,6 +279,6 @@ def test_stitched_micro_batch_logprobs_equal_the_whole_batch(tmp_path):
     chunks = tr._micro_batches(len(ro.adapter_ids), ro.input_ids.device)
     assert len(chunks) > 1
     with torch.no_grad():
-        for ids in (ro.adapter_ids, -1):
-            whole = tr.token_logprobs(ro, torch.full_like(ro.adapter_ids, -1) if isinstance(ids, int) else ids)
-            assert_close(tr._stitch(ro, chunks, ids).double(), whole.double(), dtype=torch.float32)
+        for base in (False, True):
+            whole = tr.token_logprobs(ro, torch.full_like(ro.adapter_ids, -1) if base else ro.adapter_ids)
+            assert_close(tr._stitch(ro, chunks, base=base).double(), whole.double(), dtype=torch.float32)
