@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import CSV_PATH, append_rows, bench_ms, peak_memory_mb, triton_runs  # noqa: E402
 
 from lora_engine.kernels.lora import LoRALayout  # noqa: E402
-from lora_engine.routing import routing_from_token_ids  # noqa: E402
+from lora_engine.engine.routing import routing_from_token_ids  # noqa: E402
 
 GPU_SHAPES = [(16384, 4096, 4096), (16384, 4096, 12288), (16384, 12288, 4096)]  # Qwen3-8B q/o, up/gate, down
 CPU_SHAPES = [(1024, 512, 512), (1024, 512, 1536)]

@@ -28,8 +28,8 @@ import transformers
 sys.path.insert(0, str(Path(__file__).parent))
 from common import CSV_PATH, append_rows  # noqa: E402
 
-from lora_engine.config import config_from_dict  # noqa: E402
-from lora_engine.trainer import GRPOTrainer  # noqa: E402
+from lora_engine.rl.config import config_from_dict  # noqa: E402
+from lora_engine.rl.trainer import GRPOTrainer  # noqa: E402
 
 
 class IdTokenizer:

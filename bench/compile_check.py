@@ -71,7 +71,7 @@ def drive(dtype: torch.dtype) -> None:
     from lora_engine.kernels.logprobs import token_logprobs_triton
     from lora_engine.kernels.lora import LoRALayout, lora_column_scale_triton, lora_linear_triton
     from lora_engine.kernels.policy_loss import policy_loss_triton
-    from lora_engine.routing import routing_from_token_ids
+    from lora_engine.engine.routing import routing_from_token_ids
 
     g = torch.Generator().manual_seed(0)
     # LoRA: ranks up to 256 (the widest rank tile), several adapters, a base-only row.

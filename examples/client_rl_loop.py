@@ -15,8 +15,8 @@ import argparse
 
 import torch
 
-from lora_engine.integrations.client import Engine
-from lora_engine.tasks import TinyArithmeticTask
+from lora_engine.interop.client import Engine
+from lora_engine.rl.tasks import TinyArithmeticTask
 
 
 def load_base(path: str):
@@ -25,7 +25,7 @@ def load_base(path: str):
 
     if path == "tiny":
         try:
-            from lora_engine.tiny import build_tiny_model
+            from lora_engine.rl.tiny_model import build_tiny_model
         except ImportError as e:
             raise SystemExit("the built-in tiny model is not available here: pass --model PATH") from e
         path = build_tiny_model()

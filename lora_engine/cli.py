@@ -20,8 +20,8 @@ def _info(args) -> int:
 
 
 def _train(args) -> int:
-    from lora_engine.config import load_config
-    from lora_engine.trainer import train
+    from lora_engine.rl.config import load_config
+    from lora_engine.rl.trainer import train
 
     cfg = load_config(args.config, args.set)
     train(cfg)
@@ -29,7 +29,7 @@ def _train(args) -> int:
 
 
 def _sweep(args) -> int:
-    from lora_engine.sweep import describe, load_spec, run_sweep
+    from lora_engine.studies.sweep import describe, load_spec, run_sweep
 
     spec = load_spec(args.spec)
     describe(spec)
@@ -43,8 +43,8 @@ def _sweep(args) -> int:
 
 
 def _report(args) -> int:
-    from lora_engine.report import write_report
-    from lora_engine.sweep import write_results
+    from lora_engine.studies.report import write_report
+    from lora_engine.studies.sweep import write_results
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "results.csv").exists() and (run_dir / "runs").exists():
@@ -54,7 +54,7 @@ def _report(args) -> int:
 
 
 def _spectrum(args) -> int:
-    from lora_engine.spectrum import run_spectrum
+    from lora_engine.studies.spectrum import run_spectrum
 
     res = run_spectrum(args.run_dir, model=args.model, top_k=args.top_k, out_dir=args.out)
     print(f"share of ||dW||^2 in W's top-{args.top_k} singular directions (mean over modules)")

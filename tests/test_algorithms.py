@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import assert_close
-from lora_engine.algorithms import (
+from lora_engine.rl.advantages import (
     deposit_advantages,
     deposit_density,
     group_advantages,

@@ -4,8 +4,9 @@ import math
 
 import pytest
 
-from lora_engine import analysis, rewards
-from lora_engine.analysis import (
+from lora_engine.studies import analysis
+from lora_engine.rl import rewards
+from lora_engine.studies.analysis import (
     config_key,
     families,
     footprint_bytes,
@@ -15,7 +16,7 @@ from lora_engine.analysis import (
     seed_runs_for_budget,
     summarize,
 )
-from lora_engine.report import FIGURES, main, write_report
+from lora_engine.studies.report import FIGURES, main, write_report
 
 COLUMNS = [
     "run_id", "group", "rank", "alpha", "method", "lr", "seed", "prompts_per_step", "samples_per_prompt",

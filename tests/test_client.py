@@ -10,7 +10,7 @@ import transformers
 
 from helpers import assert_close
 from lora_engine import ops as le_ops
-from lora_engine.integrations.client import Batch, Engine
+from lora_engine.interop.client import Batch, Engine
 from models import tiny_model
 
 V, EOS, PAD = 97, 2, 0
@@ -183,10 +183,10 @@ class _DistinctChars:
 def test_grpo_gradient_equals_the_trainers_on_the_same_rollouts(tmp_path):
     """The lora-engine trainer's GRPO (loss_type="grpo": mean over sequences of per-sequence token
     means) is the client's "grpo" with weights 1 / (B * |o_b|): same rollouts, same gradient."""
-    from lora_engine.algorithms import group_advantages, make_group_ids
-    from lora_engine.config import config_from_dict
-    from lora_engine.tiny import build_tokenizer
-    from lora_engine.trainer import GRPOTrainer
+    from lora_engine.rl.advantages import group_advantages, make_group_ids
+    from lora_engine.rl.config import config_from_dict
+    from lora_engine.rl.tiny_model import build_tokenizer
+    from lora_engine.rl.trainer import GRPOTrainer
 
     tok = build_tokenizer()
     cfg = transformers.Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -296,7 +296,7 @@ def test_usage_errors():
 
 
 def test_example_rl_loop_runs(tmp_path, monkeypatch):
-    from lora_engine.tiny import build_tokenizer
+    from lora_engine.rl.tiny_model import build_tokenizer
     tok = build_tokenizer()
     cfg = transformers.Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16,

@@ -204,7 +204,7 @@ def test_autocast_bf16_on_fp32_model():
 
 
 def test_generation_packs_each_module_once(monkeypatch):
-    from lora_engine import methods
+    from lora_engine.engine import methods
 
     engine = _engine()
     calls = []

@@ -11,9 +11,9 @@ from helpers import assert_as_close_as_torch, assert_close
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
-from lora_engine.integrations.trl import (LoraEngineGRPOTrainer, adapter_disabled, check_trl_args,  # noqa: E402
+from lora_engine.interop.trl import (LoraEngineGRPOTrainer, adapter_disabled, check_trl_args,  # noqa: E402
                                           wrap_for_trl)
-from lora_engine.tiny import build_tokenizer  # noqa: E402
+from lora_engine.rl.tiny_model import build_tokenizer  # noqa: E402
 
 TOK = build_tokenizer()
 # Two projections per layer keep the CPU cost of the reference LoRA path low; the loss path

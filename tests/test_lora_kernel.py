@@ -8,7 +8,7 @@ import torch
 
 from helpers import TOL, assert_close, rel_rms
 from lora_engine.kernels.lora import LoRALayout, lora_linear_naive, lora_linear_triton
-from lora_engine.routing import build_routing, routing_from_token_ids
+from lora_engine.engine.routing import build_routing, routing_from_token_ids
 
 CASES = [
     # (T, K, N, ranks, per-token adapter pattern)

@@ -8,9 +8,9 @@ import torch
 
 import lora_engine as le
 from helpers import TOL, assert_as_close_as_torch, assert_close, rel_rms
-from lora_engine import methods
+from lora_engine.engine import methods
 from lora_engine.kernels.lora import lora_column_scale_naive, lora_column_scale_triton
-from lora_engine.routing import routing_from_token_ids
+from lora_engine.engine.routing import routing_from_token_ids
 from models import tiny_model
 
 METHODS = methods.METHODS
@@ -512,7 +512,7 @@ def test_bad_input_value_errors(make, match):
 def test_checkpoint_and_peft_round_trips_for_every_method(tmp_path):
     from safetensors.torch import load_file
 
-    from lora_engine import peft_io
+    from lora_engine.engine import peft_format
 
     src = _all_methods_engine()
     _perturb(src)
@@ -520,7 +520,7 @@ def test_checkpoint_and_peft_round_trips_for_every_method(tmp_path):
     for i, m in enumerate(METHODS):
         expected = {n: p.detach().clone() for n, p in src.bank.named_parameters_of(i).items()}
         # The trainer's checkpoint path: peft_io writes every named tensor, frozen ones included.
-        peft_io.save_adapter(src, i, tmp_path / f"a{i}")
+        peft_format.save_adapter(src, i, tmp_path / f"a{i}")
         methods.load_adapter_state(dst, i, load_file(str(tmp_path / f"a{i}" / "adapter_model.safetensors")))
         for n, p in dst.bank.named_parameters_of(i).items():
             assert torch.equal(p, expected[n]), f"{m}: {n} after the checkpoint round trip"

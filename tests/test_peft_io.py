@@ -9,8 +9,8 @@ import transformers
 
 import lora_engine as le
 from helpers import assert_close
-from lora_engine import peft_io
-from lora_engine.integrations import vllm as le_vllm
+from lora_engine.engine import peft_format
+from lora_engine.interop import vllm as le_vllm
 from models import randomize_b, tiny_model
 
 peft = pytest.importorskip("peft")
@@ -121,7 +121,7 @@ def test_round_trip_keeps_spec_and_weights(tmp_path):
     spec = le.AdapterSpec(rank=4, alpha=8, scaling="rslora", seed=11, lr=1e-3, lora_plus_ratio=4.0, name="x",
                           target_modules=("q_proj", "o_proj"))
     engine = _engine("qwen3", spec)
-    peft_io.save_adapter(engine, 0, tmp_path)
+    peft_format.save_adapter(engine, 0, tmp_path)
     j = engine.load_adapter(tmp_path)
     assert engine.adapter_spec(j) == spec
     a, b = engine.bank.named_parameters_of(0), engine.bank.named_parameters_of(j)
@@ -216,7 +216,7 @@ def test_mismatched_base_is_clear_error(tmp_path):
         bigger.load_adapter(tmp_path)
     assert bigger.adapter_ids == [0]
     with pytest.raises(ValueError, match="another base model"):
-        peft_io.load_adapter_weights(bigger, 0, tmp_path)
+        peft_format.load_adapter_weights(bigger, 0, tmp_path)
 
 
 def test_pickle_is_never_read(tmp_path):

@@ -9,7 +9,7 @@ from functools import partial
 
 import pytest
 
-from lora_engine.rewards import (
+from lora_engine.rl.rewards import (
     RewardStats,
     VerifyPool,
     avg_at_k,

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import lora_engine as le
-from lora_engine import methods, peft_io
+from lora_engine.engine import methods
+from lora_engine.engine import peft_format
 from lora_engine.cli import main
-from lora_engine.spectrum import energy_curve, energy_split
+from lora_engine.studies.spectrum import energy_curve, energy_split
 from models import tiny_model
 
 N, K, k = 40, 30, 5
@@ -113,7 +114,7 @@ def _run_dir(tmp_path):
     run = tmp_path / "run"
     ckpt = run / "checkpoints" / "step_000003"
     for i in engine.adapter_ids:
-        peft_io.save_adapter(engine, i, ckpt / f"adapter_{i}", base_model_name=str(model_dir))
+        peft_format.save_adapter(engine, i, ckpt / f"adapter_{i}", base_model_name=str(model_dir))
     (run / "checkpoints" / "latest").write_text(ckpt.name)
     (run / "config.json").write_text(json.dumps({"model": str(model_dir), "target_modules": "all-linear",
                                                  "adapters": [s.to_dict() for s in specs]}, default=str))

@@ -3,9 +3,9 @@ import csv
 
 import pytest
 
-from lora_engine import sweep
-from lora_engine.sweep import load_spec, pack, spec_from_dict
-from lora_engine.tiny import build_tokenizer
+from lora_engine.studies import sweep
+from lora_engine.studies.sweep import load_spec, pack, spec_from_dict
+from lora_engine.rl.tiny_model import build_tokenizer
 from test_trainer import DistinctCharsTask, _model
 
 FIXED = {"steps": 1, "samples_per_prompt": 2, "max_new_tokens": 3, "eval_problems": 4, "progress": False,
@@ -78,7 +78,7 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, monkeypatc
     out = tmp_path / "out"
     calls = []
     real_fit = sweep_fit = None
-    from lora_engine.trainer import GRPOTrainer
+    from lora_engine.rl.trainer import GRPOTrainer
     real_fit = GRPOTrainer.fit
 
     def crashing_fit(self):
@@ -110,7 +110,7 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, monkeypatc
 def test_full_scale_study_spec_groups_under_memory_budget():
     from pathlib import Path
 
-    from lora_engine.sweep import QWEN3_8B_MODULES, adapter_state_bytes
+    from lora_engine.studies.sweep import QWEN3_8B_MODULES, adapter_state_bytes
 
     spec = load_spec(Path(__file__).parents[1] / "examples/studies/rank_batch_seed_qwen3_8b.toml")
     assert len(spec.runs) == 216

@@ -7,9 +7,10 @@ import torch
 
 pytest.importorskip("reasoning_gym")
 
-from lora_engine import tiny, tiny_task  # noqa: E402
-from lora_engine.tiny import build_tiny_model, build_tokenizer, evaluate  # noqa: E402
-from lora_engine.tiny_task import make_problems, score  # noqa: E402
+from lora_engine.rl import tiny_model as tiny  # noqa: E402
+from lora_engine.rl.tasks import tiny as tiny_task  # noqa: E402
+from lora_engine.rl.tiny_model import build_tiny_model, build_tokenizer, evaluate  # noqa: E402
+from lora_engine.rl.tasks.tiny import make_problems, score  # noqa: E402
 
 
 @pytest.fixture(scope="module")

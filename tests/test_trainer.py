@@ -6,9 +6,9 @@ import torch
 import transformers
 
 from helpers import assert_close
-from lora_engine.config import config_from_dict, load_config
-from lora_engine.tiny import build_tokenizer
-from lora_engine.trainer import GRPOTrainer
+from lora_engine.rl.config import config_from_dict, load_config
+from lora_engine.rl.tiny_model import build_tokenizer
+from lora_engine.rl.trainer import GRPOTrainer
 
 
 class DistinctCharsTask:
@@ -170,7 +170,7 @@ def test_cli_reports_config_errors(tmp_path, capsys):
 
 
 def test_reasoning_gym_task_with_chat_template_gives_token_ids():
-    from lora_engine.tasks import ReasoningGymTask
+    from lora_engine.rl.tasks import ReasoningGymTask
 
     tok = build_tokenizer()
     tok.chat_template = "{% for m in messages %}<bos>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}\n{% endif %}"
@@ -182,7 +182,7 @@ def test_reasoning_gym_task_with_chat_template_gives_token_ids():
 
 
 def test_decode_drops_positions_after_eos(tmp_path):
-    from lora_engine.rollout import Rollouts
+    from lora_engine.rl.rollout import Rollouts
 
     tr = _trainer(tmp_path, adapters=ADAPTERS[:1])
     tok = tr.tokenizer
@@ -207,7 +207,7 @@ def test_resume_refuses_a_different_config(tmp_path):
 
 
 def test_length_weight_applies_rewards_length_penalty(tmp_path):
-    from lora_engine.rollout import Rollouts
+    from lora_engine.rl.rollout import Rollouts
 
     tr = _trainer(tmp_path, adapters=ADAPTERS[:1], length_weight=0.5)  # max_new_tokens 5: soft cap 4
     ids = torch.full((2, 5), 7)

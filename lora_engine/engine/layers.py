@@ -30,7 +30,7 @@ class RoutingState:
         self.memo = {}
 
     def routing_for(self, batch: int, seq_len: int, device):
-        from lora_engine.routing import build_routing
+        from lora_engine.engine.routing import build_routing
 
         key = (batch, seq_len, str(device))
         if key not in self._cache:

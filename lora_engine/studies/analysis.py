@@ -38,7 +38,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from lora_engine.rewards import avg_at_k, pass_at_k
+from lora_engine.rl.rewards import avg_at_k, pass_at_k
 
 __all__ = [
     "CONFIG_COLUMNS",

@@ -15,8 +15,8 @@ import contextlib
 import torch
 from torch import nn
 
-from lora_engine.adapters import AdapterBank, AdapterSpec, matches
-from lora_engine.layers import MultiLoRALinear, RoutingState
+from lora_engine.engine.bank import AdapterBank, AdapterSpec, matches
+from lora_engine.engine.layers import MultiLoRALinear, RoutingState
 
 # Never adapted: the output head (the fused log-prob kernel reads it frozen) and embeddings.
 EXCLUDED = ("lm_head",)
@@ -149,13 +149,13 @@ class MultiLoRAModel(nn.Module):
 
     # -- PEFT format -----------------------------------------------------------------------
     def save_adapter(self, i: int, directory, base_model_name: str | None = None):
-        """Write adapter ``i`` as a PEFT LoRA directory (see ``lora_engine.peft_io.save_adapter``)."""
-        from lora_engine import peft_io
+        """Write adapter ``i`` as a PEFT LoRA directory (see ``lora_engine.engine.peft_format.save_adapter``)."""
+        from lora_engine.engine import peft_format
 
-        return peft_io.save_adapter(self, i, directory, base_model_name=base_model_name)
+        return peft_format.save_adapter(self, i, directory, base_model_name=base_model_name)
 
     def load_adapter(self, directory) -> int:
-        """Add the PEFT LoRA adapter in ``directory``; returns its id (see ``peft_io.load_adapter``)."""
-        from lora_engine import peft_io
+        """Add the PEFT LoRA adapter in ``directory``; returns its id (see ``peft_format.load_adapter``)."""
+        from lora_engine.engine import peft_format
 
-        return peft_io.load_adapter(self, directory)
+        return peft_format.load_adapter(self, directory)

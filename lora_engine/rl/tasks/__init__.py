@@ -10,10 +10,10 @@ import torch
 
 
 class TinyArithmeticTask:
-    """The embedded default: two-term additions from reasoning-gym's basic_arithmetic (``lora_engine.tiny_task``)."""
+    """The embedded default: two-term additions from reasoning-gym's basic_arithmetic (``lora_engine.rl.tasks.tiny``)."""
 
     def __init__(self, seed: int = 0, pool: int = 20000):
-        from lora_engine import tiny_task
+        from lora_engine.rl.tasks import tiny as tiny_task
 
         self._tt = tiny_task
         self.seed = seed
@@ -73,7 +73,7 @@ class ReasoningGymTask:
         return tokenizer(problem["prompt"], add_special_tokens=True)["input_ids"]
 
     def score(self, problems, completions):
-        from lora_engine.rewards import extract_answer
+        from lora_engine.rl.rewards import extract_answer
 
         out = []
         for p, c in zip(problems, completions):

@@ -1,6 +1,6 @@
 """vLLM multi-LoRA as a rollout backend, and the export it relies on.
 
-Every adapter directory written by ``lora_engine.peft_io.save_adapter`` is a valid vLLM
+Every adapter directory written by ``lora_engine.engine.peft_format.save_adapter`` is a valid vLLM
 ``LoRARequest`` path (PEFT key names, ``adapter_config.json`` with only PEFT fields, no DoRA,
 no bias, no ``modules_to_save``). vLLM sizes its LoRA buffers once, at start-up, for
 ``max_lora_rank``, which must be one of its allowed values and at least the largest rank
@@ -16,7 +16,7 @@ rank 1 everywhere.) Ranks above 512 cannot be served by vLLM.
 each step ``sync`` writes the adapters' current weights to a fresh directory under new integer
 ids (vLLM caches an adapter by its id, so a reused id would serve stale weights), and
 ``generate`` sends every prompt with its own adapter's ``LoRARequest``, returning the same
-``Rollouts`` as the built-in ``lora_engine.rollout.generate``. vLLM is imported lazily: this
+``Rollouts`` as the built-in ``lora_engine.rl.rollout.generate``. vLLM is imported lazily: this
 module imports, and the export helpers work, without it.
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from lora_engine import peft_io
-from lora_engine.rollout import Rollouts, left_pad
+from lora_engine.engine import peft_format
+from lora_engine.rl.rollout import Rollouts, left_pad
 
 # Values every vLLM release with LoRA accepts for max_lora_rank (vllm.config.lora.MaxLoRARanks
 # minus the 1 that only recent releases added).
@@ -49,14 +49,14 @@ def vllm_max_lora_rank(ranks) -> int:
         if allowed >= top:
             return allowed
     raise ValueError(f"rank {top} exceeds vLLM's largest max_lora_rank ({VLLM_MAX_LORA_RANKS[-1]}): "
-                     "serve it with the built-in rollout (lora_engine.rollout.generate) or train rank <= 512")
+                     "serve it with the built-in rollout (lora_engine.rl.rollout.generate) or train rank <= 512")
 
 
 def export_adapters(engine, root, ids=None, base_model_name: str | None = None) -> dict[int, Path]:
     """Write adapters ``ids`` (default: all) to ``root/adapter_<id>``; returns id -> directory."""
     root = Path(root)
     ids = engine.adapter_ids if ids is None else list(ids)
-    return {i: peft_io.save_adapter(engine, i, root / f"adapter_{i}", base_model_name=base_model_name)
+    return {i: peft_format.save_adapter(engine, i, root / f"adapter_{i}", base_model_name=base_model_name)
             for i in ids}
 
 
@@ -81,7 +81,7 @@ def check_lora_request_dir(directory, max_lora_rank: int) -> dict:
     Returns the config dict; raises ``ValueError`` naming the fix.
     """
     directory = Path(directory)
-    cfg = peft_io.read_config(directory)
+    cfg = peft_format.read_config(directory)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{directory}: peft_type {cfg.get('peft_type')!r}: vLLM serves LoRA adapters only")
     if cfg.get("use_dora"):
@@ -96,10 +96,10 @@ def check_lora_request_dir(directory, max_lora_rank: int) -> dict:
     if top > max_lora_rank:
         raise ValueError(f"{directory}: rank {top} > max_lora_rank {max_lora_rank}: start vLLM with "
                          f"max_lora_rank={vllm_max_lora_rank([top])}")
-    tensors = peft_io.read_tensors(directory)
-    for module in peft_io._modules_of(tensors, directory):
-        a = tensors.get(f"{peft_io.PREFIX}{module}.lora_A.weight")
-        b = tensors.get(f"{peft_io.PREFIX}{module}.lora_B.weight")
+    tensors = peft_format.read_tensors(directory)
+    for module in peft_format._modules_of(tensors, directory):
+        a = tensors.get(f"{peft_format.PREFIX}{module}.lora_A.weight")
+        b = tensors.get(f"{peft_format.PREFIX}{module}.lora_B.weight")
         if a is None or b is None or a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] \
                 or a.shape[0] > max_lora_rank:
             raise ValueError(f"{directory}: {module} needs lora_A [r, K] and lora_B [N, r] with r <= "
@@ -114,7 +114,7 @@ def _import_vllm():
         from vllm.lora.request import LoRARequest
     except ImportError as e:
         raise ValueError("the vLLM rollout backend needs vllm: pip install 'lora-engine[vllm]', or use "
-                         "the built-in lora_engine.rollout.generate") from e
+                         "the built-in lora_engine.rl.rollout.generate") from e
     return vllm, LoRARequest
 
 

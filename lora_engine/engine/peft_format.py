@@ -33,8 +33,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lora_engine import methods
-from lora_engine.adapters import AdapterSpec
+from lora_engine.engine import methods
+from lora_engine.engine.bank import AdapterSpec
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"

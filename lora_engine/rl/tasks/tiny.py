@@ -28,7 +28,7 @@ import re
 from functools import lru_cache
 from typing import Any
 
-from lora_engine.rewards import extract_boxed  # noqa: F401  (re-exported: part of this module's API)
+from lora_engine.rl.rewards import extract_boxed  # noqa: F401  (re-exported: part of this module's API)
 
 DATASET = "basic_arithmetic"
 # Two terms, addition only; reasoning-gym draws "2-digit" terms as randint(0, 100), so answers

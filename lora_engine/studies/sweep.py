@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import SimpleNamespace
 
-from lora_engine.config import TrainConfig, config_from_dict, tomllib
+from lora_engine.rl.config import TrainConfig, config_from_dict, tomllib
 
 GRID_KEYS = ("rank", "prompts_per_step", "seed", "lr", "method", "alpha")
 RESULT_FIELDS = ["run_id", "group", "rank", "alpha", "method", "lr", "seed", "prompts_per_step",
@@ -132,7 +132,7 @@ def module_dims_for(model: str, reference: str | None = None) -> list[tuple[int,
                              "and point [fixed].model at a local model")
         return QWEN3_8B_MODULES
     if model == "tiny":
-        from lora_engine.tiny import TINY_RECIPE
+        from lora_engine.rl.tiny_model import TINY_RECIPE
         return _dims_from_config(SimpleNamespace(**TINY_RECIPE["model"]))
     if Path(model).exists():
         from transformers import AutoConfig
@@ -198,7 +198,7 @@ def run_sweep(spec_path, out_dir, progress: bool = True, base=None, task=None, g
     """
     from tqdm.auto import tqdm
 
-    from lora_engine.runinfo import run_info
+    from lora_engine.rl.runinfo import run_info
 
     spec = load_spec(spec_path)
     out_dir = Path(out_dir)
@@ -214,14 +214,14 @@ def run_sweep(spec_path, out_dir, progress: bool = True, base=None, task=None, g
         bar.set_postfix(group=g, adapters=len(spec.groups[g]))
         base = run_group(spec, g, out_dir, base=base, task=task)
     write_results(out_dir)
-    from lora_engine.report import write_report
+    from lora_engine.studies.report import write_report
     return write_report(out_dir)
 
 
 def run_group(spec: SweepSpec, g: int, out_dir, base=None, task=None):
     """Train group ``g`` (all its adapters concurrently) unless its runs are finished; returns the
     (model, tokenizer) base so the caller can reuse it for the next group."""
-    from lora_engine.trainer import GRPOTrainer, load_base
+    from lora_engine.rl.trainer import GRPOTrainer, load_base
 
     out_dir = Path(out_dir)
     runs = spec.groups[g]
@@ -239,7 +239,7 @@ def run_group(spec: SweepSpec, g: int, out_dir, base=None, task=None):
 
 
 def _record_group(out_dir: Path, g: int, spec: SweepSpec, cfg: TrainConfig, trainer, summary: dict) -> None:
-    from lora_engine.runinfo import run_info
+    from lora_engine.rl.runinfo import run_info
 
     ckpt = trainer.out / "checkpoints" / (trainer.out / "checkpoints" / "latest").read_text().strip()
     k = cfg.eval_samples

@@ -28,14 +28,15 @@ from pathlib import Path
 
 import torch
 
-from lora_engine import methods, ops
-from lora_engine.algorithms import group_advantages, make_group_ids
-from lora_engine.config import TrainConfig, save_config
-from lora_engine.model import MultiLoRAModel
-from lora_engine.peft_io import load_adapter_weights, save_adapter
-from lora_engine.rollout import Rollouts, generate
-from lora_engine.runinfo import run_info
-from lora_engine.tasks import load_task
+from lora_engine import ops
+from lora_engine.engine import methods
+from lora_engine.rl.advantages import group_advantages, make_group_ids
+from lora_engine.rl.config import TrainConfig, save_config
+from lora_engine.engine.model import MultiLoRAModel
+from lora_engine.engine.peft_format import load_adapter_weights, save_adapter
+from lora_engine.rl.rollout import Rollouts, generate
+from lora_engine.rl.runinfo import run_info
+from lora_engine.rl.tasks import load_task
 
 
 def load_base(cfg: TrainConfig):
@@ -44,7 +45,7 @@ def load_base(cfg: TrainConfig):
 
     path = cfg.model
     if path == "tiny":
-        from lora_engine.tiny import build_tiny_model
+        from lora_engine.rl.tiny_model import build_tiny_model
         path = build_tiny_model(progress=cfg.progress)
     elif not Path(path).exists():
         raise ValueError(f"model {cfg.model!r} is neither 'tiny' nor a local directory: give the path of a "
@@ -115,11 +116,11 @@ class GRPOTrainer:
         total = list(correct)
         lengths = ro.completion_mask.sum(-1).tolist()
         if self.cfg.format_weight:
-            from lora_engine.rewards import boxed_format_reward
+            from lora_engine.rl.rewards import boxed_format_reward
             fmt = boxed_format_reward([p["prompt"] for p in problems], texts, [p["answer"] for p in problems])
             total = [t + self.cfg.format_weight * f for t, f in zip(total, fmt)]
         if self.cfg.length_weight:
-            from lora_engine.rewards import length_penalty
+            from lora_engine.rl.rewards import length_penalty
             pen = length_penalty(self.cfg.max_new_tokens, coef=self.cfg.length_weight)(
                 [p["prompt"] for p in problems], texts, [p["answer"] for p in problems], completion_lengths=lengths)
             total = [t + x for t, x in zip(total, pen)]
@@ -293,7 +294,7 @@ class GRPOTrainer:
                     res[a]["pass@1"] = float(scores[i].mean())
                     res[a]["entropy"] = float(ent_row[i].mean())
             else:
-                from lora_engine.rewards import pass_at_k
+                from lora_engine.rl.rewards import pass_at_k
                 for i, a in enumerate(adapters):
                     c = (scores[i] > 0.5).sum(-1).tolist()
                     res[a][f"avg@{n}"] = float(scores[i].mean())

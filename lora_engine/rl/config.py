@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from lora_engine.adapters import AdapterSpec
+from lora_engine.engine.bank import AdapterSpec
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from lora_engine import methods
+from lora_engine.engine import methods
 from lora_engine.kernels.lora import LoRALayout
-from lora_engine.methods import METHODS
+from lora_engine.engine.methods import METHODS
 
 SCALINGS = ("lora", "rslora")
 INITS = ("default", "gaussian")
@@ -46,7 +46,7 @@ class AdapterSpec:
         lr, weight_decay, lora_plus_ratio: this adapter's optimiser settings (B's lr = lr * ratio;
             ratio defaults to 16 for ``method="lora_plus"``, 1 otherwise).
         method: one of ``methods.METHODS``: lora, rslora, lora_plus, lora_fa, dora, pissa,
-            milora, vera, full (see ``lora_engine.methods``).
+            milora, vera, full (see ``lora_engine.engine.methods``).
         name: optional label for logs and checkpoints.
         rank_pattern, alpha_pattern: PEFT's per-module overrides, ``{key: rank}`` / ``{key: alpha}``;
             key k applies to modules whose name matches ``(.*\\.)?(k)$`` (first match wins).

@@ -1,9 +1,9 @@
 """A sweep's ``report.md`` and figures, regenerated from ``RUN_DIR/results.csv`` alone.
 
-``write_report(run_dir)`` reads the results, summarises them with :mod:`lora_engine.analysis`
+``write_report(run_dir)`` reads the results, summarises them with :mod:`lora_engine.studies.analysis`
 and writes ``RUN_DIR/report.md`` plus PNGs in ``RUN_DIR/figures/`` (linked relatively, so the
 folder can be moved or committed as is). Running it again replaces both; nothing else in the
-run folder is read or written. From a shell: ``python -m lora_engine.report RUN_DIR``.
+run folder is read or written. From a shell: ``python -m lora_engine.studies.report RUN_DIR``.
 
 Figures split by *variant* only when needed: a configuration column other than rank and batch
 size (method, lr, alpha, ...) becomes part of a figure's series label when two configurations
@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lora_engine.analysis import (
+from lora_engine.studies.analysis import (
     CONFIG_COLUMNS,
     config_key,
     families,
@@ -503,7 +503,7 @@ def _markdown(run_dir: Path, rows, summaries, columns, drawn) -> str:
     seeds = [s["n_seeds"] for s in summaries]
     lines = [
         f"# Sweep report: {run_dir.resolve().name}", "",
-        "Generated from `results.csv` alone by `lora_engine.report.write_report`; run it again to refresh.", "",
+        "Generated from `results.csv` alone by `lora_engine.studies.report.write_report`; run it again to refresh.", "",
         f"- Runs: {len(rows)} ({n_ok} used, {len(excluded)} excluded: failed or without a finite gain).",
         f"- Configurations: {len(summaries)}; usable seeds per configuration: "
         f"{min(seeds)}{'' if min(seeds) == max(seeds) else '-' + str(max(seeds))}.",
@@ -568,10 +568,10 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lora_engine.report RUN_DIR [RUN_DIR ...]``: write each run folder's report."""
+    """``python -m lora_engine.studies.report RUN_DIR [RUN_DIR ...]``: write each run folder's report."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        print("usage: python -m lora_engine.report RUN_DIR [RUN_DIR ...]", file=sys.stderr)
+        print("usage: python -m lora_engine.studies.report RUN_DIR [RUN_DIR ...]", file=sys.stderr)
         return 2
     for run_dir in argv:
         print(write_report(run_dir))

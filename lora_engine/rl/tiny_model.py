@@ -1,7 +1,7 @@
 """The embedded default base model: a tiny Qwen3 warm-started on two-term sums, built locally.
 
 ``build_tiny_model()`` needs no downloads: it builds a character-level tokenizer and a small
-Qwen3 from a fixed seed, teaches it the task of ``lora_engine.tiny_task`` by a short
+Qwen3 from a fixed seed, teaches it the task of ``lora_engine.rl.tasks.tiny`` by a short
 teacher-forced run on train problems, and caches model + tokenizer in
 ``<cache>/tiny-<hash of the recipe>`` (``<cache>``: ``cache_dir``, else ``$LORA_ENGINE_CACHE``,
 else ``~/.cache/lora-engine``), loadable offline with ``AutoModelForCausalLM`` /
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lora_engine.tiny_task import (
+from lora_engine.rl.tasks.tiny import (
     BOXED, DATASET, DATASET_KWARGS, FORGET_CARRY_P, format_completion, make_problems, score, teacher_answer,
 )
 

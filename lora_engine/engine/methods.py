@@ -212,7 +212,7 @@ def param_groups(engine, i: int) -> list[dict]:
 # --- PEFT export / import -----------------------------------------------------------------
 
 def _peft_targets(spec, module_names):
-    from lora_engine.adapters import TARGET_GROUPS
+    from lora_engine.engine.bank import TARGET_GROUPS
 
     if module_names is not None:
         # Exact names: PEFT matches them as they are, layers already applied.
@@ -245,7 +245,7 @@ def peft_config_for(spec, module_names=None) -> dict:
     m = spec.method
     if m == "full":
         raise ValueError("method 'full' has no PEFT adapter format: export its dense updates with "
-                         "lora_engine.methods.delta_weights(engine, i) (or merge them into the base)")
+                         "lora_engine.engine.methods.delta_weights(engine, i) (or merge them into the base)")
     targets, layers = _peft_targets(spec, module_names)
     common = {"task_type": "CAUSAL_LM", "target_modules": targets, "layers_to_transform": layers,
               "fan_in_fan_out": False, "bias": "none", "inference_mode": False}
@@ -278,7 +278,7 @@ def peft_state_dict_for(engine, i: int) -> dict[str, torch.Tensor]:
     bank = engine.bank
     if spec.method == "full":
         raise ValueError("method 'full' has no PEFT adapter format: export its dense updates with "
-                         "lora_engine.methods.delta_weights(engine, i) (or merge them into the base)")
+                         "lora_engine.engine.methods.delta_weights(engine, i) (or merge them into the base)")
     out = {}
     for name in bank.modules_of(i):
         t = {k: v.detach() for k, v in bank.tensors(i, name).items()}

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from lora_engine import methods
+from lora_engine.engine import methods
 
 
 def _svd(weight: torch.Tensor):
@@ -181,12 +181,12 @@ def plot_spectrum(rows: list[SpectrumRow], curves: dict, path, top_k: int) -> Pa
 # --- a trainer run ---------------------------------------------------------------------------------
 
 def load_base_model(model: str):
-    """A base model in fp32 for analysis: ``"tiny"`` (``lora_engine.tiny.build_tiny_model``) or a local path."""
+    """A base model in fp32 for analysis: ``"tiny"`` (``lora_engine.rl.tiny_model.build_tiny_model``) or a local path."""
     from transformers import AutoModelForCausalLM
 
     path = model
     if model == "tiny":
-        from lora_engine.tiny import build_tiny_model
+        from lora_engine.rl.tiny_model import build_tiny_model
         path = build_tiny_model(progress=False)
     elif not Path(model).exists():
         raise ValueError(f"model {model!r} is neither 'tiny' nor a local directory: pass --model PATH of the "
@@ -196,8 +196,8 @@ def load_base_model(model: str):
 
 def _specs_of(run_dir: Path, ckpt: Path, cfg: dict):
     """[(id, adapter dir, spec)]: specs from the run's config.json, else from each adapter's own."""
-    from lora_engine.adapters import AdapterSpec
-    from lora_engine.peft_io import read_spec
+    from lora_engine.engine.bank import AdapterSpec
+    from lora_engine.engine.peft_format import read_spec
 
     known = {f.name for f in fields(AdapterSpec)}
     dirs = sorted((p for p in ckpt.glob("adapter_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
@@ -221,7 +221,7 @@ def load_run(run_dir, model: str | None = None):
     """(engine, adapter labels) with the latest checkpoint of a trainer run loaded."""
     from safetensors.torch import load_file
 
-    from lora_engine.model import MultiLoRAModel
+    from lora_engine.engine.model import MultiLoRAModel
 
     run_dir = Path(run_dir)
     cfg_path, latest = run_dir / "config.json", run_dir / "checkpoints" / "latest"

@@ -1,7 +1,7 @@
 """TRL's ``GRPOTrainer`` on lora-engine's LoRA layer and fused log-prob + policy-loss path.
 
     from trl import GRPOConfig
-    from lora_engine.integrations.trl import LoraEngineGRPOTrainer, wrap_for_trl
+    from lora_engine.interop.trl import LoraEngineGRPOTrainer, wrap_for_trl
 
     model = wrap_for_trl(AutoModelForCausalLM.from_pretrained(path), le.AdapterSpec(rank=16, alpha=32))
     trainer = LoraEngineGRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(...),
@@ -36,16 +36,17 @@ import os
 import torch
 from torch import nn
 
-from lora_engine import ops, peft_io
-from lora_engine.adapters import AdapterSpec
-from lora_engine.layers import MultiLoRALinear, RoutingState
-from lora_engine.model import MultiLoRAModel
-from lora_engine.routing import build_routing
+from lora_engine import ops
+from lora_engine.engine import peft_format
+from lora_engine.engine.bank import AdapterSpec
+from lora_engine.engine.layers import MultiLoRALinear, RoutingState
+from lora_engine.engine.model import MultiLoRAModel
+from lora_engine.engine.routing import build_routing
 
 try:
     from trl import GRPOTrainer
 except ImportError as e:  # pragma: no cover - trl is an optional extra
-    raise ImportError("lora_engine.integrations.trl needs trl: pip install 'lora-engine[trl]'") from e
+    raise ImportError("lora_engine.interop.trl needs trl: pip install 'lora-engine[trl]'") from e
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 # Config fields that rescale or cap the logits inside the model's own head; the fused path
@@ -158,7 +159,7 @@ def check_trl_args(args) -> None:
         bad.append("off_policy_mask_threshold (leave it None)")
     if args.use_vllm:
         bad.append("use_vllm=True (TRL's vLLM sync does not know MultiLoRALinear; use "
-                   "lora_engine.integrations.vllm.VLLMRollout with the lora-engine trainer or client)")
+                   "lora_engine.interop.vllm.VLLMRollout with the lora-engine trainer or client)")
     if getattr(args, "entropy_coef", 0.0) or getattr(args, "use_adaptive_entropy", False):
         bad.append("an entropy bonus (entropy_coef=0, no adaptive entropy)")
     if args.sync_ref_model:
@@ -337,7 +338,7 @@ class LoraEngineGRPOTrainer(GRPOTrainer):
     def save_adapter(self, directory) -> None:
         """Write the trained adapter as a PEFT LoRA directory (loads with PeftModel and vLLM)."""
         base = getattr(self.lora_engine.model.config, "_name_or_path", None) or None
-        peft_io.save_adapter(self.lora_engine, 0, directory, base_model_name=base)
+        peft_format.save_adapter(self.lora_engine, 0, directory, base_model_name=base)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -349,4 +350,4 @@ class LoraEngineGRPOTrainer(GRPOTrainer):
             self.processing_class.save_pretrained(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        peft_io.load_adapter_weights(self.lora_engine, 0, resume_from_checkpoint)
+        peft_format.load_adapter_weights(self.lora_engine, 0, resume_from_checkpoint)

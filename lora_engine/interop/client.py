@@ -36,11 +36,13 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_engine import methods, ops, peft_io
-from lora_engine.adapters import AdapterSpec
-from lora_engine.algorithms import group_advantages
-from lora_engine.model import MultiLoRAModel
-from lora_engine.rollout import generate
+from lora_engine import ops
+from lora_engine.engine import methods
+from lora_engine.engine import peft_format
+from lora_engine.engine.bank import AdapterSpec
+from lora_engine.rl.advantages import group_advantages
+from lora_engine.engine.model import MultiLoRAModel
+from lora_engine.rl.rollout import generate
 
 LOSSES = ("importance_sampling", "ppo", "grpo")
 STATE_FILE, OPTIMIZER_FILE = "client_state.json", "optimizer.safetensors"
@@ -266,7 +268,7 @@ class Adapter:
     def save_state(self, directory) -> Path:
         """Weights (PEFT format, loads with PeftModel and vLLM), optimizer state and counters."""
         directory = Path(directory)
-        peft_io.save_adapter(self.engine.lora, self.id, directory)
+        peft_format.save_adapter(self.engine.lora, self.id, directory)
         meta = {"step": self.step, "sample_calls": self.sample_calls, "param_groups": None}
         if self.optimizer is not None:
             sd = self.optimizer.state_dict()
@@ -362,7 +364,7 @@ class Engine:
             prompts: list of strings (needs the tokenizer) or of token-id lists.
             adapter: one handle for every prompt, a list with one handle (or None) per prompt,
                 or None for the base model.
-            n, temperature, top_p, max_new_tokens, greedy: as ``lora_engine.rollout.generate``.
+            n, temperature, top_p, max_new_tokens, greedy: as ``lora_engine.rl.rollout.generate``.
         Each call draws new random numbers from (adapter seed, that adapter's call count).
         """
         prompt_ids = [self._encode(p) for p in prompts]
