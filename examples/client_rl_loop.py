@@ -15,28 +15,16 @@ import argparse
 
 import torch
 
-from lora_engine.interop.client import Engine
+from lora_engine.interop.client import Client
+from lora_engine.rl.models import load_base
 from lora_engine.rl.tasks import TinyArithmeticTask
 
 
-def load_base(path: str):
-    """The model and tokenizer of a local Hugging Face directory, or the built-in tiny model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if path == "tiny":
-        try:
-            from lora_engine.rl.tiny_model import build_tiny_model
-        except ImportError as e:
-            raise SystemExit("the built-in tiny model is not available here: pass --model PATH") from e
-        path = build_tiny_model()
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-
-
-def accuracy(engine, task, adapters, n: int, max_new_tokens: int) -> dict:
+def accuracy(client, task, adapters, n: int, max_new_tokens: int) -> dict:
     """Held-out greedy accuracy per adapter (None = the base model), all in one batch."""
     problems = task.eval_set(n)
     owners = [a for a in adapters for _ in problems]
-    out = engine.sample([p["prompt"] for _ in adapters for p in problems], adapter=owners, greedy=True,
+    out = client.sample([p["prompt"] for _ in adapters for p in problems], adapter=owners, greedy=True,
                         max_new_tokens=max_new_tokens)
     scores = task.score(problems * len(adapters), out.text)
     return {("base" if a is None else a.id): sum(scores[k * n:(k + 1) * n]) / n for k, a in enumerate(adapters)}
@@ -55,16 +43,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--pool", type=int, default=2000, help="train problems to draw from")
     args = ap.parse_args(argv)
 
-    model, tokenizer = load_base(args.model)
-    engine = Engine(model, tokenizer)
+    model, tokenizer = load_base(args.model, device="cpu")
+    client = Client(model, tokenizer)
     task = TinyArithmeticTask(seed=0, pool=args.pool)
-    adapters = [engine.create_adapter(rank=r, alpha=32, seed=i) for i, r in enumerate(args.ranks)]
-    before = accuracy(engine, task, [None] + adapters, args.eval, args.max_new_tokens)
+    adapters = [client.create_adapter(rank=r, alpha=32, seed=i) for i, r in enumerate(args.ranks)]
+    before = accuracy(client, task, [None] + adapters, args.eval, args.max_new_tokens)
     gen = torch.Generator().manual_seed(0)
     for step in range(args.steps):
         problems = [p for a in adapters for p in task.sample_train(args.prompts, gen)]
         owners = [a for a in adapters for _ in range(args.prompts)]
-        samples = engine.sample([p["prompt"] for p in problems], adapter=owners, n=args.samples,
+        samples = client.sample([p["prompt"] for p in problems], adapter=owners, n=args.samples,
                                 max_new_tokens=args.max_new_tokens)
         rewards = task.score([problems[j] for j in samples.prompt_index], samples.text)
         for a in adapters:
@@ -77,7 +65,7 @@ def main(argv=None) -> dict:
         means = {a.id: sum(rewards[k] for k, o in enumerate(samples.adapters) if o is a)
                  / (args.prompts * args.samples) for a in adapters}
         print(f"step {step}: reward {means}, grad norms {[round(s['grad_norm'], 4) for s in stats]}")
-    after = accuracy(engine, task, [None] + adapters, args.eval, args.max_new_tokens)
+    after = accuracy(client, task, [None] + adapters, args.eval, args.max_new_tokens)
     print(f"held-out greedy accuracy before {before} after {after}")
     return {"before": before, "after": after}
 

@@ -45,6 +45,15 @@ def lora_linear(x, weight, bias, lora_a, lora_b, layout, routing):
     return fn(x, weight, bias, lora_a, lora_b, layout, routing)
 
 
+def lora_column_scale(y, bias, scale, scaled, routing):
+    """DoRA's epilogue: ``out[t] = y[t] + (scale[a] - 1) * (y[t] - bias)`` on the rows of every
+    adapter ``a`` with ``scaled[a]``. See ``lora_engine.kernels.lora.triton_dora`` for shapes."""
+    from lora_engine.kernels import lora
+
+    fn = lora.lora_column_scale_triton if use_triton(y) else lora.lora_column_scale_naive
+    return fn(y, bias, scale, scaled, routing)
+
+
 # --- log-probs and policy loss -----------------------------------------------------------
 
 def token_logprobs(hidden, lm_head_weight, targets, temperature=1.0, return_entropy=False):

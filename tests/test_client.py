@@ -10,24 +10,24 @@ import transformers
 
 from helpers import assert_close
 from lora_engine import ops as le_ops
-from lora_engine.interop.client import Batch, Engine
+from lora_engine.interop.client import Batch, Client
 from models import tiny_model
 
 V, EOS, PAD = 97, 2, 0
 
 
-def _engine(seed=0):
+def _client(seed=0):
     # Two projections per layer keep the CPU cost of the reference LoRA path low.
-    engine = Engine(tiny_model("qwen3", seed), eos_id=EOS, pad_id=PAD, target_modules=["q_proj", "v_proj"])
-    a = engine.create_adapter(rank=2, alpha=8, seed=0)
-    b = engine.create_adapter(rank=8, alpha=16, seed=1, scaling="rslora")
+    client = Client(tiny_model("qwen3", seed), eos_id=EOS, pad_id=PAD, target_modules=["q_proj", "v_proj"])
+    a = client.create_adapter(rank=2, alpha=8, seed=0)
+    b = client.create_adapter(rank=8, alpha=16, seed=1, scaling="rslora")
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # B starts at zero; a non-trivial adapter gives A a gradient too
         for h in (a, b):
-            for name, p in engine.lora.bank.named_parameters_of(h.id).items():
+            for name, p in client.engine.bank.named_parameters_of(h.id).items():
                 if name.endswith("lora_B"):
                     p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return engine, a, b
+    return client, a, b
 
 
 def _batch(B, P, C, seed, noise=0.3):
@@ -49,9 +49,9 @@ LOSSES = [pytest.param("importance_sampling", id="is"), pytest.param("ppo", id="
           pytest.param("grpo", id="grpo"), pytest.param(_callable_loss, id="callable")]
 
 
-def _count_base_forwards(engine):
+def _count_base_forwards(client):
     calls = []
-    decoder = engine.lora.model.model
+    decoder = client.engine.model.model
     decoder.register_forward_hook(lambda *args: calls.append(1))
     return calls
 
@@ -68,16 +68,16 @@ def _grads(handle):
 def test_queued_handles_share_one_base_forward_with_separate_gradients(loss):
     ba, bb = _batch(4, 5, 6, seed=1), _batch(3, 7, 4, seed=2)
 
-    engine, a, b = _engine()
-    calls = _count_base_forwards(engine)
+    client, a, b = _client()
+    calls = _count_base_forwards(client)
     fa, fb = a.forward_backward(ba, loss), b.forward_backward(bb, loss)
     assert calls == [] and not fa.done, "forward_backward must only queue"
-    engine.flush()
+    client.flush()
     assert len(calls) == 1 and fa.done and fb.done
     together = [(fa.result(), _grads(a)), (fb.result(), _grads(b))]
 
-    engine2, a2, b2 = _engine()
-    calls2 = _count_base_forwards(engine2)
+    client2, a2, b2 = _client()
+    calls2 = _count_base_forwards(client2)
     alone = []
     for h, batch in ((a2, ba), (b2, bb)):
         out = h.forward_backward(batch, loss).result()
@@ -91,8 +91,8 @@ def test_queued_handles_share_one_base_forward_with_separate_gradients(loss):
 
 
 def test_optim_step_flushes_the_queue_for_every_handle():
-    engine, a, b = _engine()
-    calls = _count_base_forwards(engine)
+    client, a, b = _client()
+    calls = _count_base_forwards(client)
     before_b = [p.detach().clone() for p in b.parameters()]
     fa, fb = a.forward_backward(_batch(2, 4, 3, seed=3)), b.forward_backward(_batch(2, 4, 3, seed=4))
     a.optim_step(lr=1e-2)
@@ -102,10 +102,10 @@ def test_optim_step_flushes_the_queue_for_every_handle():
     assert len(calls) == 1 and all(p.grad is None for p in b.parameters())
 
 
-def _reference_logp(engine, handle, batch):
-    """log p(token t | prefix) from the full logits of the engine's ordinary forward, fp64."""
+def _reference_logp(client, handle, batch):
+    """log p(token t | prefix) from the full logits of the model's ordinary forward, fp64."""
     pos = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
-    logits = engine.lora(batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
+    logits = client.engine(batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
                          adapter_ids=torch.full((batch.input_ids.shape[0],), handle.id)).logits.double()
     lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
     return torch.cat([lp.new_zeros(lp.shape[0], 1), lp], 1)
@@ -123,12 +123,12 @@ def test_loss_formulas(loss, backend):
     path too: fractional weights go through the policy-loss kernel as weights)."""
     batch = _batch(5, 4, 6, seed=5)
     batch.weights[1] *= 0.5  # fractional weights count as weights
-    engine, a, _ = _engine()
+    client, a, _ = _client()
     out = a.forward_backward(batch, loss, eps_low=0.2, eps_high=0.28).result()
     ours = _grads(a)
     for p in a.parameters():
         p.grad = None
-    lp = _reference_logp(engine, a, batch)
+    lp = _reference_logp(client, a, batch)
     w, q = batch.weights.double(), batch.sampling_logprobs.double()
     r = torch.exp(torch.where(w != 0, lp - q, torch.zeros_like(lp)))
     if loss == "grpo":
@@ -152,9 +152,9 @@ def test_loss_formulas(loss, backend):
 
 def test_sample_logprobs_are_what_forward_recomputes():
     """Samples -> Batch alignment: the recomputed log-probs equal the sampling ones (ratio 1)."""
-    engine, a, b = _engine()
+    client, a, b = _client()
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
-    s = engine.sample(prompts, adapter=[a, b, a], n=2, temperature=0.7, max_new_tokens=6)
+    s = client.sample(prompts, adapter=[a, b, a], n=2, temperature=0.7, max_new_tokens=6)
     assert s.prompt_index == [0, 0, 1, 1, 2, 2] and s.adapters == [a, a, b, b, a, a]
     assert all(len(t) == len(lp) > 0 for t, lp in zip(s.tokens, s.logprobs))
     for h in (a, b):
@@ -163,7 +163,7 @@ def test_sample_logprobs_are_what_forward_recomputes():
         on = batch.weights != 0
         assert_close(out.logprobs[on], batch.sampling_logprobs[on], torch.float32, f"adapter {h.id} logprobs")
         assert abs(out.metrics["ratio_mean"] - 1.0) < 1e-4
-    again = engine.sample(prompts, adapter=[a, b, a], n=2, temperature=0.7, max_new_tokens=6)
+    again = client.sample(prompts, adapter=[a, b, a], n=2, temperature=0.7, max_new_tokens=6)
     assert again.tokens != s.tokens, "each call draws new samples"
 
 
@@ -181,7 +181,7 @@ class _DistinctChars:
 
 
 def test_grpo_gradient_equals_the_trainers_on_the_same_rollouts(tmp_path):
-    """The lora-engine trainer's GRPO (loss_type="grpo": mean over sequences of per-sequence token
+    """The lora-client trainer's GRPO (loss_type="grpo": mean over sequences of per-sequence token
     means) is the client's "grpo" with weights 1 / (B * |o_b|): same rollouts, same gradient."""
     from lora_engine.rl.advantages import group_advantages, make_group_ids
     from lora_engine.rl.config import config_from_dict
@@ -212,8 +212,8 @@ def test_grpo_gradient_equals_the_trainers_on_the_same_rollouts(tmp_path):
     losses.sum().backward()
     expected = _grads_of(tr.engine.adapter_parameters(0))
 
-    engine = Engine(tr.engine.detach(), tok, target_modules=["q_proj", "v_proj"])
-    a = engine.create_adapter(**{k: v for k, v in spec.items() if k != "target_modules"})
+    client = Client(tr.engine.detach(), tok, target_modules=["q_proj", "v_proj"])
+    a = client.create_adapter(**{k: v for k, v in spec.items() if k != "target_modules"})
     with torch.no_grad():
         for p, q in zip(a.parameters(), tr.engine.adapter_parameters(0)):
             p.copy_(q)
@@ -230,7 +230,7 @@ def test_grpo_gradient_equals_the_trainers_on_the_same_rollouts(tmp_path):
 
 def test_save_and_load_state_continue_identically(tmp_path):
     batches = [_batch(3, 4, 5, seed=s) for s in (6, 7)]
-    engine, a, _ = _engine()
+    client, a, _ = _client()
     a.forward_backward(batches[0], "ppo")
     a.optim_step(lr=1e-2, weight_decay=0.1)
     a.save_state(tmp_path / "a")
@@ -238,7 +238,7 @@ def test_save_and_load_state_continue_identically(tmp_path):
     a.optim_step(lr=1e-2, weight_decay=0.1)
     expected = [p.detach().clone() for p in a.parameters()]
 
-    restored = engine.load_state(tmp_path / "a")
+    restored = client.load_state(tmp_path / "a")
     assert restored.id != a.id and restored.step == 1 and restored.spec == a.spec
     restored.forward_backward(batches[1], "ppo")
     restored.optim_step(lr=1e-2, weight_decay=0.1)
@@ -251,8 +251,8 @@ def test_save_and_load_state_continue_identically(tmp_path):
 
 
 def test_lora_plus_adapter_steps_b_faster():
-    engine = Engine(tiny_model("qwen3"), eos_id=EOS, pad_id=PAD)
-    a = engine.create_adapter(rank=2, method="lora_plus", target_modules=("q_proj",))
+    client = Client(tiny_model("qwen3"), eos_id=EOS, pad_id=PAD)
+    a = client.create_adapter(rank=2, method="lora_plus", target_modules=("q_proj",))
     a.forward_backward(_batch(2, 4, 3, seed=11))
     a.optim_step(lr=1e-3)
     assert [g["lr"] for g in a.optimizer.param_groups] == [1e-3, 1e-3 * a.spec.lora_plus_ratio]
@@ -260,7 +260,7 @@ def test_lora_plus_adapter_steps_b_faster():
 
 
 def test_nan_gradient_skips_only_that_step():
-    engine, a, b = _engine()
+    client, a, b = _client()
     a.forward_backward(_batch(2, 4, 3, seed=8), lambda logp, batch: logp.sum() * float("nan"))
     b.forward_backward(_batch(2, 4, 3, seed=9))
     before = [p.detach().clone() for p in a.parameters()]
@@ -276,7 +276,7 @@ def test_nan_gradient_skips_only_that_step():
     pytest.param(dict(weights="first-column"), "ppo", r"weights\[:, 0\]", id="weight-on-token-0"),
 ])
 def test_batch_errors(change, loss, needle):
-    engine, a, _ = _engine()
+    client, a, _ = _client()
     batch = _batch(2, 4, 3, seed=10)
     for k, v in change.items():
         if v == "first-column":
@@ -288,11 +288,11 @@ def test_batch_errors(change, loss, needle):
 
 
 def test_usage_errors():
-    engine, a, _ = _engine()
+    client, a, _ = _client()
     with pytest.raises(ValueError, match="forward_backward before optim_step"):
         a.optim_step()
     with pytest.raises(ValueError, match="tokenizer"):
-        engine.sample(["1+1="], adapter=a)
+        client.sample(["1+1="], adapter=a)
 
 
 def test_example_rl_loop_runs(tmp_path, monkeypatch):

@@ -204,12 +204,16 @@ def test_autocast_bf16_on_fp32_model():
 
 
 def test_generation_packs_each_module_once(monkeypatch):
+    import dataclasses
+
     from lora_engine.engine import methods
 
     engine = _engine()
     calls = []
-    real = methods.pack
-    monkeypatch.setattr(methods, "pack", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    for name, rec in list(methods.TABLE.items()):
+        if rec.pack is not None:
+            counted = (lambda real: lambda *a, **k: (calls.append(1), real(*a, **k))[1])(rec.pack)
+            monkeypatch.setitem(methods.TABLE, name, dataclasses.replace(rec, pack=counted))
     with torch.no_grad(), engine.use_adapters(torch.tensor([0, 1, 2])):
         engine.model(_batch(B=3, L=4))
         one_forward = len(calls)

@@ -8,7 +8,7 @@ import torch
 
 import lora_engine as le
 from helpers import TOL, assert_as_close_as_torch, assert_close, rel_rms
-from lora_engine.engine import methods
+from lora_engine.engine import methods, peft_format
 from lora_engine.kernels.lora import lora_column_scale_naive, lora_column_scale_triton
 from lora_engine.engine.routing import routing_from_token_ids
 from models import tiny_model
@@ -148,7 +148,7 @@ def test_every_method_compiled_gpu(dtype, monkeypatch):
     _perturb(ref_engine)
     low = le.MultiLoRAModel(tiny_model(dtype=dtype).cuda(), specs, target_modules=FEW)
     for i in low.adapter_ids:
-        methods.load_adapter_state(low, i, {n: p.detach() for n, p in ref_engine.bank.named_parameters_of(i).items()})
+        peft_format.load_adapter_state(low, i, {n: p.detach() for n, p in ref_engine.bank.named_parameters_of(i).items()})
     ids = _batch(len(METHODS) + 1).cuda()
     adapter_ids = torch.tensor(list(range(len(METHODS))) + [-1])
     monkeypatch.setenv("LORA_ENGINE_BACKEND", "naive")
@@ -353,9 +353,9 @@ def test_matches_peft_output_and_grads(kw):
     base = tiny_model()
     engine = le.MultiLoRAModel(copy.deepcopy(base), [spec])
     _perturb(engine)
-    cfg = methods.peft_config_for(spec, engine.bank.modules_of(0))
+    cfg = peft_format.peft_config_for(spec, engine.bank.modules_of(0))
     pm = peft.get_peft_model(copy.deepcopy(base), peft.get_peft_config(cfg))
-    sd = methods.peft_state_dict_for(engine, 0)
+    sd = peft_format.peft_state_dict_for(engine, 0)
     if spec.method == "vera":
         own = peft.get_peft_model_state_dict(pm)
         for k in ("base_model.vera_A", "base_model.vera_B"):
@@ -498,8 +498,8 @@ def test_lora_plus_and_rslora_defaults_and_param_groups():
                  id="layers-match-nothing"),
     pytest.param(lambda: le.MultiLoRAModel(tiny_model(), [le.AdapterSpec(rank=20, method="pissa")]), "/ 2",
                  id="pissa-rank-over-half"),
-    pytest.param(lambda: methods.peft_config_for(le.AdapterSpec(rank=2, method="full")), "no PEFT", id="full-export"),
-    pytest.param(lambda: methods.peft_config_for(le.AdapterSpec(rank=2, target_modules="mlp")), "module_names",
+    pytest.param(lambda: peft_format.peft_config_for(le.AdapterSpec(rank=2, method="full")), "no PEFT", id="full-export"),
+    pytest.param(lambda: peft_format.peft_config_for(le.AdapterSpec(rank=2, target_modules="mlp")), "module_names",
                  id="group-export-needs-names"),
 ])
 def test_bad_input_value_errors(make, match):
@@ -521,7 +521,7 @@ def test_checkpoint_and_peft_round_trips_for_every_method(tmp_path):
         expected = {n: p.detach().clone() for n, p in src.bank.named_parameters_of(i).items()}
         # The trainer's checkpoint path: peft_io writes every named tensor, frozen ones included.
         peft_format.save_adapter(src, i, tmp_path / f"a{i}")
-        methods.load_adapter_state(dst, i, load_file(str(tmp_path / f"a{i}" / "adapter_model.safetensors")))
+        peft_format.load_adapter_state(dst, i, load_file(str(tmp_path / f"a{i}" / "adapter_model.safetensors")))
         for n, p in dst.bank.named_parameters_of(i).items():
             assert torch.equal(p, expected[n]), f"{m}: {n} after the checkpoint round trip"
         if m == "full":
@@ -529,6 +529,6 @@ def test_checkpoint_and_peft_round_trips_for_every_method(tmp_path):
         with torch.no_grad():
             for p in dst.bank.named_parameters_of(i).values():
                 p.zero_()
-        methods.load_adapter_state(dst, i, methods.peft_state_dict_for(src, i))
+        peft_format.load_adapter_state(dst, i, peft_format.peft_state_dict_for(src, i))
         for n, p in dst.bank.named_parameters_of(i).items():
             assert torch.equal(p, expected[n]), f"{m}: {n} after the PEFT-format round trip"

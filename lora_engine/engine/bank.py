@@ -1,177 +1,23 @@
-"""Adapter specifications and the bank that holds every adapter's weights.
+"""``AdapterBank``: every adapter's weights, per targeted module, with stable integer ids.
 
-``AdapterSpec`` is one adapter's recipe: PEFT method, rank (per module with ``rank_pattern``),
-scaling, init, seed, target modules and layers, and its own optimiser settings. ``AdapterBank``
-keeps each adapter's tensors as its own parameters (so an adapter's optimiser state never
-moves when others are added or removed) and hands each module a packed view in layout order at
-forward time; how each method makes, packs and exports its tensors is in ``methods.py``.
-Packing costs one copy of the adapter weights per module per forward, sum R * (K + N)
-elements: for 16 adapters of ranks 1..256 on a 4096x4096 projection that is ~4 M elements,
-against 16384*4096*4096 MACs for the base GEMM.
+``AdapterBank`` keeps each adapter's tensors as its own parameters (so an adapter's optimiser
+state never moves when others are added or removed) and hands each module a packed view in
+layout order at forward time; what each method's tensors are and how they pack is its record
+in ``methods.TABLE``. Packing costs one copy of the adapter weights per module per forward,
+sum R * (K + N) elements: for 16 adapters of ranks 1..256 on a 4096x4096 projection that is
+~4 M elements, against 16384*4096*4096 MACs for the base GEMM.
 """
 from __future__ import annotations
 
-import json
-import math
-import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from lora_engine.engine import methods
+from lora_engine.engine.methods import method_of
+from lora_engine.engine.spec import AdapterSpec, layer_index, matches, pattern_key
 from lora_engine.kernels.lora import LoRALayout
-from lora_engine.engine.methods import METHODS
-
-SCALINGS = ("lora", "rslora")
-INITS = ("default", "gaussian")
-# target_modules groups: a module belongs to one when its parent module has one of these names.
-TARGET_GROUPS = {"attention": ("self_attn", "attn", "attention", "self_attention"),
-                 "mlp": ("mlp", "feed_forward", "ffn")}
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """One adapter.
-
-    Args:
-        rank: r >= 1 (at most min(in, out) features of every targeted module; PiSSA/MiLoRA at
-            most half of it). Ignored by ``method="full"``.
-        alpha: LoRA alpha; the update is scaled by alpha/r (``lora``) or alpha/sqrt(r) (``rslora``).
-        scaling: ``"lora"`` or ``"rslora"`` (``method="rslora"`` sets it).
-        seed: seeds this adapter's init (and, in the trainer, its sampling), independently of others.
-        init: ``"default"`` (PEFT's: A kaiming-uniform, B zero) or ``"gaussian"`` (A ~ N(0, 1/r), B zero).
-        target_modules: None (the engine's targets), ``"all-linear"``, ``"attention"``, ``"mlp"``,
-            module-name suffixes (``("q_proj", "v_proj")``) or a regex matched against full names.
-        lr, weight_decay, lora_plus_ratio: this adapter's optimiser settings (B's lr = lr * ratio;
-            ratio defaults to 16 for ``method="lora_plus"``, 1 otherwise).
-        method: one of ``methods.METHODS``: lora, rslora, lora_plus, lora_fa, dora, pissa,
-            milora, vera, full (see ``lora_engine.engine.methods``).
-        name: optional label for logs and checkpoints.
-        rank_pattern, alpha_pattern: PEFT's per-module overrides, ``{key: rank}`` / ``{key: alpha}``;
-            key k applies to modules whose name matches ``(.*\\.)?(k)$`` (first match wins).
-        layers: only modules of these layer indices (PEFT's ``layers_to_transform``).
-        projection_prng_key, d_initial: VeRA's shared-projection seed and the init of d (PEFT's names).
-    """
-
-    rank: int
-    alpha: float = 32.0
-    scaling: str = "lora"
-    seed: int = 0
-    init: str = "default"
-    target_modules: str | tuple[str, ...] | None = None
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    lora_plus_ratio: float | None = None
-    method: str = "lora"
-    name: str | None = None
-    rank_pattern: dict[str, int] | None = None
-    alpha_pattern: dict[str, float] | None = None
-    layers: tuple[int, ...] | None = None
-    projection_prng_key: int = 0
-    d_initial: float = 0.1
-
-    def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"AdapterSpec.rank must be an int >= 1, got {self.rank!r}: use rank=1 or more")
-        if self.rank > 4096:
-            raise ValueError(f"AdapterSpec.rank={self.rank} is beyond any sensible LoRA rank; use <= 512")
-        if self.scaling not in SCALINGS:
-            raise ValueError(f"AdapterSpec.scaling must be one of {SCALINGS}, got {self.scaling!r}")
-        if self.init not in INITS:
-            raise ValueError(f"AdapterSpec.init must be one of {INITS}, got {self.init!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"AdapterSpec.method must be one of {METHODS}, got {self.method!r}")
-        if self.method == "rslora":
-            object.__setattr__(self, "scaling", "rslora")
-        if self.lora_plus_ratio is None:
-            ratio = methods.LORA_PLUS_RATIO if self.method == "lora_plus" else 1.0
-            object.__setattr__(self, "lora_plus_ratio", ratio)
-        if not self.alpha > 0:
-            raise ValueError(f"AdapterSpec.alpha must be > 0, got {self.alpha}")
-        if not self.lr >= 0 or not self.lora_plus_ratio > 0 or not self.weight_decay >= 0:
-            raise ValueError("AdapterSpec: lr and weight_decay must be >= 0 and lora_plus_ratio > 0")
-        if isinstance(self.target_modules, list):
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        self._check_patterns()
-        if self.layers is not None:
-            layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
-            if not layers or any(not isinstance(x, int) or x < 0 for x in layers):
-                raise ValueError(f"AdapterSpec.layers must be layer indices >= 0, got {self.layers!r}: "
-                                 "e.g. layers=(0, 1), or None for every layer")
-            object.__setattr__(self, "layers", layers)
-        if not self.d_initial > 0 or not isinstance(self.projection_prng_key, int):
-            raise ValueError("AdapterSpec: d_initial must be > 0 and projection_prng_key an int")
-
-    def _check_patterns(self):
-        for attr, kind in (("rank_pattern", int), ("alpha_pattern", float)):
-            pat = getattr(self, attr)
-            if pat is None:
-                continue
-            if not isinstance(pat, dict):
-                raise ValueError(f"AdapterSpec.{attr} must be a dict {{module key: value}}, got {type(pat).__name__}")
-            if pat and self.method in ("vera", "full"):
-                raise ValueError(f"AdapterSpec.{attr} does not apply to method {self.method!r}: VeRA shares one "
-                                 "rank-r projection across modules and full fine-tuning has no rank; drop it")
-            for k, v in pat.items():
-                try:
-                    re.compile(k)
-                except re.error as e:
-                    raise ValueError(f"AdapterSpec.{attr} key {k!r} is not a valid regex ({e})") from None
-                ok = (isinstance(v, int) and 1 <= v <= 4096) if kind is int else (isinstance(v, (int, float)) and v > 0)
-                if not ok:
-                    raise ValueError(f"AdapterSpec.{attr}[{k!r}] = {v!r}: ranks must be ints in [1, 4096], "
-                                     "alphas > 0")
-            object.__setattr__(self, attr, dict(pat))
-
-    def __hash__(self):
-        # The pattern dicts make the generated field hash fail; hash the canonical form instead.
-        return hash(json.dumps(self.to_dict(), sort_keys=True, default=str))
-
-    def rank_for(self, module: str) -> int:
-        """The rank of this adapter on ``module`` (``rank_pattern`` first, then ``rank``)."""
-        key = methods.pattern_key(self.rank_pattern, module)
-        return self.rank_pattern[key] if key is not None else self.rank
-
-    def alpha_for(self, module: str) -> float:
-        key = methods.pattern_key(self.alpha_pattern, module)
-        return float(self.alpha_pattern[key]) if key is not None else self.alpha
-
-    def scale_for(self, module: str) -> float:
-        """s on ``module``: alpha/r or alpha/sqrt(r) with that module's rank and alpha; 1 for VeRA/full."""
-        if self.method in ("vera", "full"):
-            return 1.0
-        r, a = self.rank_for(module), self.alpha_for(module)
-        return a / (math.sqrt(r) if self.scaling == "rslora" else r)
-
-    @property
-    def scale(self) -> float:
-        """s of the modules without a pattern override."""
-        if self.method in ("vera", "full"):
-            return 1.0
-        return self.alpha / (math.sqrt(self.rank) if self.scaling == "rslora" else self.rank)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def layer_index(module_name: str) -> int | None:
-    """PEFT's layer index: the first numbered path segment (``model.layers.3.mlp.up_proj`` -> 3)."""
-    m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_name)
-    return int(m.group("idx")) if m else None
-
-
-def matches(module_name: str, targets) -> bool:
-    """PEFT-style matching: ``"all-linear"`` matches every module given; ``"attention"``/``"mlp"`` by
-    parent module name; another string is a regex on the full name; a list matches by name suffix."""
-    if targets == "all-linear":
-        return True
-    if isinstance(targets, str) and targets in TARGET_GROUPS:
-        parent = module_name.split(".")[-2] if "." in module_name else ""
-        return parent in TARGET_GROUPS[targets]
-    if isinstance(targets, str):
-        return re.fullmatch(targets, module_name) is not None
-    return any(module_name == t or module_name.endswith("." + t) for t in targets)
 
 
 def _key(module_name: str) -> str:
@@ -214,7 +60,7 @@ class AdapterBank(nn.Module):
     """Every adapter's weights, per targeted module, with stable integer ids.
 
     Adapter ``i`` owns ``adapters[str(i)].<kind>[key]`` for each module it targets, the kinds
-    of its method (``methods.KINDS``: plain LoRA has ``lora_A`` [r, K] and ``lora_B`` [N, r]).
+    of its method (its ``methods.TABLE`` record: plain LoRA has ``lora_A`` [r, K] and ``lora_B`` [N, r]).
     Frozen tensors (LoRA-FA's A, PiSSA's init copies) are parameters with requires_grad=False,
     so checkpoints save them. Removed ids stay unused (their rank is 0 everywhere), so the ids
     of the other adapters and their optimiser states never change.
@@ -269,31 +115,35 @@ class AdapterBank(nn.Module):
             raise ValueError(f"adapter targets {spec.target_modules!r} (layers {spec.layers}) match no wrapped "
                              f"module; wrapped: {list(self.modules_info)[:6]}...: pass names that end one of these")
         for attr in ("rank_pattern", "alpha_pattern"):
-            unused = [k for k in getattr(spec, attr) or {} if not any(methods.pattern_key([k], n) for n in names)]
+            unused = [k for k in getattr(spec, attr) or {} if not any(pattern_key([k], n) for n in names)]
             if unused:
                 raise ValueError(f"{attr} key(s) {unused} match none of the adapter's modules (e.g. {names[0]}): "
                                  "use a module-name suffix such as 'q_proj' or 'layers.0.mlp.down_proj'")
+        method = method_of(spec)
         for n in names:
             info = self.modules_info[n]
-            limit = min(info.in_features, info.out_features)
-            half = spec.method in methods.SVD_METHODS
-            if half:
-                # The frozen init rides along as a second rank-r pair: 2r rows in the kernel.
-                limit //= 2
-            if spec.method != "full" and spec.rank_for(n) > limit:
+            # PiSSA/MiLoRA's frozen init rides along as a second rank-r pair: 2r rows in the kernel.
+            limit = min(info.in_features, info.out_features) // method.rank_divisor
+            if method.kernel_factor and spec.rank_for(n) > limit:
+                half = f" / {method.rank_divisor}" if method.rank_divisor > 1 else ""
                 raise ValueError(f"rank {spec.rank_for(n)} exceeds min(in={info.in_features}, "
-                                 f"out={info.out_features}){' / 2' if half else ''} of module {n} "
+                                 f"out={info.out_features}){half} of module {n} "
                                  f"(method {spec.method}): choose rank <= {limit}")
+            if method.needs_weight and info.weight is None:
+                raise ValueError(f"method {spec.method!r} needs the base weight of {n}: register modules "
+                                 "through MultiLoRAModel (or pass weight= to AdapterBank.register_module_info)")
         i = self.next_id
-        vera = self._vera_projection(spec, names) if spec.method == "vera" else None
+        vera = self._vera_projection(spec, names) if method.shared_projection else None
+        # Seeded by the spec alone, drawn module after module in sorted order: an adapter's init
+        # never depends on the other adapters.
         gen = torch.Generator().manual_seed(spec.seed)
-        mod = _AdapterWeights(methods.KINDS[spec.method])
+        mod = _AdapterWeights(method.kinds)
         for n in names:
             info = self.modules_info[n]
-            tensors = methods.init_tensors(spec, n, info.in_features, info.out_features, info.weight, gen)
+            tensors = method.init(spec, n, info.in_features, info.out_features, info.weight, gen)
             for kind, t in tensors.items():
                 getattr(mod, kind)[_key(n)] = nn.Parameter(
-                    t.to(info.device, self.dtype), requires_grad=methods.is_trainable(spec.method, kind))
+                    t.to(info.device, self.dtype), requires_grad=method.is_trainable(kind))
         self.adapters[str(i)] = mod
         self.specs[i] = spec
         self._targets[i] = names
@@ -335,7 +185,7 @@ class AdapterBank(nn.Module):
     def named_parameters_of(self, i: int) -> dict[str, nn.Parameter]:
         """{"<module>.<kind>": tensor} for adapter i, frozen ones included (checkpoints save them).
 
-        Kinds per method in ``methods.KINDS``; plain LoRA gives "<module>.lora_A" and "<module>.lora_B".
+        Kinds per method in its ``methods.TABLE`` record; plain LoRA gives "<module>.lora_A" and "<module>.lora_B".
         """
         self._check_id(i)
         mod = self.adapters[str(i)]
@@ -362,12 +212,13 @@ class AdapterBank(nn.Module):
             for i in range(self.next_id):
                 spec = self.specs.get(i)
                 on = spec is not None and name in self._targets[i]
-                ranks.append(methods.kernel_rank(spec, name) if on else 0)
+                method = method_of(spec) if on else None
+                ranks.append(method.kernel_rank(spec, name) if on else 0)
                 scales.append(spec.scale_for(name) if on else 0.0)
-                dora.append(on and spec.method == "dora")
+                dora.append(on and method.epilogue == "column_scale")
                 if on:
                     present.append(i)
-                    if spec.method == "full":
+                    if method.epilogue == "dense":
                         full.append(i)
             info.plan = _Plan(LoRALayout(ranks, scales), tuple(present), tuple(dora), tuple(full))
         return info.plan
@@ -395,8 +246,8 @@ class AdapterBank(nn.Module):
         for i in plan.present:
             if plan.layout.ranks[i] == 0:
                 continue
-            a, b = methods.pack(self.specs[i], self.tensors(i, name), info.in_features, info.out_features,
-                                self.vera_of(i))
+            a, b = method_of(self.specs[i]).pack(self.specs[i], self.tensors(i, name), info.in_features,
+                                                 info.out_features, self.vera_of(i))
             a_list.append(a)
             b_list.append(b)
         if not a_list:

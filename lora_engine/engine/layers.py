@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from lora_engine import ops
-from lora_engine.kernels import lora
 
 
 class RoutingState:
@@ -96,8 +95,7 @@ class MultiLoRALinear(nn.Module):
             # Generation (no grad) reuses the DoRA norms for every token; training recomputes them
             # each forward, since an optimiser step may have changed A and B in between.
             scale = self.bank.dora_scale(self.name, self.base.weight, sorted(dora), memo)
-            fn = lora.lora_column_scale_triton if ops.use_triton(x2) else lora.lora_column_scale_naive
-            y = fn(y, self.base.bias, scale, plan.dora, routing)
+            y = ops.lora_column_scale(y, self.base.bias, scale, plan.dora, routing)
         for a, rows in routing.segments() if plan.full else ():
             if a in plan.full:
                 delta = self.bank.full_delta(a, self.name).to(x.dtype)

@@ -15,7 +15,9 @@ import contextlib
 import torch
 from torch import nn
 
-from lora_engine.engine.bank import AdapterBank, AdapterSpec, matches
+from lora_engine import ops
+from lora_engine.engine.bank import AdapterBank
+from lora_engine.engine.spec import AdapterSpec, matches
 from lora_engine.engine.layers import MultiLoRALinear, RoutingState
 
 # Never adapted: the output head (the fused log-prob kernel reads it frozen) and embeddings.
@@ -146,6 +148,37 @@ class MultiLoRAModel(nn.Module):
                              f"of {input_ids.shape[0]} sequences: give one id per sequence")
         with self.use_adapters(adapter_ids):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def hidden_states(self, input_ids, attention_mask, adapter_ids) -> torch.Tensor:
+        """[B, L, d] last hidden states, each row under its own adapter (-1: the base). Position
+        ids follow the attention mask, so left padding is harmless."""
+        model = self.model
+        decoder = getattr(model, model.base_model_prefix)
+        pos = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+        with self.use_adapters(adapter_ids):
+            return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).last_hidden_state
+
+    def logprobs_from_hidden(self, hidden, input_ids, score_mask, temperature: float = 1.0,
+                             return_entropy: bool = False):
+        """``out[b, l] = log p(input_ids[b, l] | input_ids[b, :l])`` from ``hidden`` [B, L, d] where
+        ``score_mask[b, l] != 0`` (column 0 has no context and is never scored), 0 elsewhere.
+
+        Only scored positions go through the LM head (``ops.masked_token_logprobs``: no [T, V]
+        logits on the GPU path). Returns logp [B, L] fp32, or (logp, entropy) with ``return_entropy``.
+        """
+        res = ops.masked_token_logprobs(hidden[:, :-1], self.model.get_output_embeddings().weight,
+                                        input_ids[:, 1:], score_mask[:, 1:], temperature=temperature,
+                                        return_entropy=return_entropy)
+        res = res if return_entropy else (res,)
+        full = tuple(torch.nn.functional.pad(r, (1, 0)) for r in res)
+        return full if return_entropy else full[0]
+
+    def sequence_logprobs(self, input_ids, attention_mask, adapter_ids, score_mask, temperature: float = 1.0,
+                          return_entropy: bool = False):
+        """``hidden_states`` then ``logprobs_from_hidden``: per-token log-probs of ``input_ids``
+        ([B, L] like ``attention_mask`` and ``score_mask``; ``adapter_ids`` [B]) from one decoder pass."""
+        hidden = self.hidden_states(input_ids, attention_mask, adapter_ids)
+        return self.logprobs_from_hidden(hidden, input_ids, score_mask, temperature, return_entropy)
 
     # -- PEFT format -----------------------------------------------------------------------
     def save_adapter(self, i: int, directory, base_model_name: str | None = None):

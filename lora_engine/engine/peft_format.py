@@ -3,7 +3,7 @@
 A directory written here loads with ``peft.PeftModel.from_pretrained(base, dir)`` and, for the
 LoRA family, serves as a vLLM ``LoRARequest`` path; a directory written by PEFT's
 ``save_pretrained`` loads into an engine's bank. Tensors carry PEFT 0.21's key names (adapter
-name stripped), from ``methods.peft_state_dict_for``:
+name stripped), from ``peft_state_dict_for`` and each method's ``to_peft`` (``methods.TABLE``):
 
     base_model.model.<module>.lora_A.weight    [r, K]
     base_model.model.<module>.lora_B.weight    [N, r]
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from pathlib import Path
 
@@ -33,8 +32,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lora_engine.engine import methods
-from lora_engine.engine.bank import AdapterSpec
+from lora_engine.atomic import write_atomic
+from lora_engine.engine.methods import method_of
+from lora_engine.engine.spec import TARGET_GROUPS, AdapterSpec
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -94,30 +94,24 @@ def save_adapter(engine, i: int, directory, base_model_name: str | None = None,
     spec = engine.adapter_spec(i)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if spec.method == "full":
+    if method_of(spec).peft_config is None:
         tensors = {f"{PREFIX}{name}": p.detach().to("cpu").contiguous()
                    for name, p in engine.bank.named_parameters_of(i).items()}
         config = None
     else:
-        tensors = methods.peft_state_dict_for(engine, i)
-        config = _ints({**methods.peft_config_for(spec, engine.bank.modules_of(i)),
+        tensors = peft_state_dict_for(engine, i)
+        config = _ints({**peft_config_for(spec, engine.bank.modules_of(i)),
                         "base_model_name_or_path": base_model_name})
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
-    _write_atomic(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    write_atomic(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     if config is not None:
-        _write_atomic(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2)))
+        write_atomic(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2)))
     else:
         (directory / CONFIG_FILE).unlink(missing_ok=True)
     sidecar = {"format": 1, "spec": spec.to_dict()}
-    _write_atomic(directory / SIDECAR_FILE, lambda p: p.write_text(json.dumps(sidecar, indent=2)))
+    write_atomic(directory / SIDECAR_FILE, lambda p: p.write_text(json.dumps(sidecar, indent=2)))
     return directory
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 # --- read ------------------------------------------------------------------------------------
@@ -235,7 +229,7 @@ def load_adapter(engine, directory) -> int:
     spec = read_spec(directory)
     cfg = read_config(directory) if spec is None else None
     tensors = read_tensors(directory)
-    if spec is not None and spec.method == "full":
+    if spec is not None and method_of(spec).peft_config is None:
         modules = sorted({k[len(PREFIX):].rsplit(".", 1)[0] for k in tensors if k.startswith(PREFIX)})
     else:
         modules = _modules_of(tensors, directory)
@@ -267,6 +261,115 @@ def load_adapter_weights(engine, i: int, directory, tensors: dict[str, torch.Ten
     directory = Path(directory)
     tensors = read_tensors(directory) if tensors is None else tensors
     try:
-        methods.load_adapter_state(engine, i, tensors)
+        load_adapter_state(engine, i, tensors)
     except ValueError as e:
         raise ValueError(f"{directory}: {e} (was the adapter trained on another base model?)") from None
+
+
+# --- tensors <-> PEFT names ------------------------------------------------------------------
+
+def _no_peft_form(spec):
+    return ValueError(f"method {spec.method!r} has no PEFT adapter format: export its dense updates with "
+                      "lora_engine.engine.methods.delta_weights(engine, i) (or merge them into the base)")
+
+
+def _peft_targets(spec, module_names):
+    if module_names is not None:
+        # Exact names: PEFT matches them as they are, layers already applied.
+        return sorted(module_names), None
+    t = spec.target_modules
+    layers = list(spec.layers) if spec.layers is not None else None
+    if t is None or t == "all-linear":
+        return "all-linear", layers
+    if isinstance(t, str) and t in TARGET_GROUPS:
+        # A regex on the parent name would also catch non-Linear children (Qwen3's q_norm).
+        raise ValueError(f"target_modules={t!r} has no PEFT spelling without the model: pass "
+                         "module_names=engine.bank.modules_of(i)")
+    if isinstance(t, str):
+        if layers is not None:
+            raise ValueError("PEFT ignores layers_to_transform for a regex target_modules: pass "
+                             "module_names=engine.bank.modules_of(i) to export the exact modules")
+        return t, None
+    return list(t), layers
+
+
+def peft_config_for(spec, module_names=None) -> dict:
+    """PEFT ``adapter_config.json`` content for ``spec`` (``peft.get_peft_config`` accepts it).
+
+    ``module_names`` (``engine.bank.modules_of(i)``): export the exact adapted modules rather
+    than the spec's patterns. The method's own fields come from its record's ``peft_config``
+    (PiSSA/MiLoRA: PEFT's own PiSSA-to-LoRA conversion, a rank-2r LoRA on the *original* base).
+    LoRA+, LoRA-FA and rsLoRA are LoRA adapters (their difference is in training). A method
+    without a PEFT form (``full``): ValueError.
+    """
+    method = method_of(spec)
+    if method.peft_config is None:
+        raise _no_peft_form(spec)
+    targets, layers = _peft_targets(spec, module_names)
+    common = {"task_type": "CAUSAL_LM", "target_modules": targets, "layers_to_transform": layers,
+              "fan_in_fan_out": False, "bias": "none", "inference_mode": False}
+    own = method.peft_config(spec)
+    if own["peft_type"] == "LORA":
+        own = {**own, "use_rslora": spec.scaling == "rslora", "lora_dropout": 0.0, "init_lora_weights": True}
+    return {**own, **common}
+
+
+def peft_state_dict_for(engine, i: int) -> dict[str, torch.Tensor]:
+    """Adapter ``i``'s tensors under PEFT's key names (CPU, contiguous), to go with ``peft_config_for``.
+
+    LoRA family: ``base_model.model.<module>.lora_A.weight`` [r, K], ``.lora_B.weight`` [N, r];
+    DoRA adds ``.lora_magnitude_vector`` [N]; PiSSA/MiLoRA: the rank-2r LoRA [A; A0], [B, -B0];
+    VeRA: ``.vera_lambda_d`` [r], ``.vera_lambda_b`` [N] and the shared ``base_model.vera_A``
+    [r, K_max] / ``base_model.vera_B`` [N_max, r].
+    """
+    spec = engine.adapter_spec(i)
+    method = method_of(spec)
+    if method.to_peft is None:
+        raise _no_peft_form(spec)
+    bank = engine.bank
+    out = {}
+    for name in bank.modules_of(i):
+        t = {k: v.detach() for k, v in bank.tensors(i, name).items()}
+        out.update({f"{PREFIX}{name}.{suffix}": v for suffix, v in method.to_peft(t).items()})
+    if method.shared_projection:
+        out["base_model.vera_A"], out["base_model.vera_B"] = bank.vera_of(i)
+    return {k: v.to("cpu").contiguous() for k, v in out.items()}
+
+
+def load_adapter_state(engine, i: int, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy saved tensors into adapter ``i``: keys as ``engine.bank.named_parameters_of(i)`` names
+    (bare, or ``base_model.model.<name>`` with or without ``.weight``, as ``save_adapter`` writes
+    them), or PEFT's (``peft_state_dict_for``; each method's ``from_peft`` maps them back, e.g. a
+    PiSSA/MiLoRA rank-2r LoRA split into A, A0, B, B0).
+    """
+    spec = engine.adapter_spec(i)
+    method = method_of(spec)
+    bank = engine.bank
+    params = bank.named_parameters_of(i)
+    found = {}
+    for key, v in tensors.items():
+        bare = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        # No tensor kind is called "weight": a trailing ".weight" is always PEFT's nn.Linear suffix.
+        found[bare[:-len(".weight")] if bare.endswith(".weight") else bare] = (key, v)
+    if method.shared_projection:
+        for which, ref in zip(("vera_A", "vera_B"), bank.vera_of(i)):
+            got = found.pop(f"base_model.{which}", found.pop(which, None))
+            # Compared in the file's dtype: a checkpoint may be saved in bf16.
+            if got is not None and (got[1].shape != ref.shape or not torch.equal(got[1], ref.to(got[1]))):
+                raise ValueError(f"saved {which} differs from this bank's projection: use the same rank, "
+                                 "projection_prng_key and target modules as the run that saved it")
+    if method.from_peft is not None:
+        for name in bank.modules_of(i):
+            method.from_peft(found, name, spec.rank_for(name))
+    missing = sorted(set(params) - set(found))
+    unknown = sorted(found[n][0] for n in set(found) - set(params))
+    if missing or unknown:
+        raise ValueError(f"saved adapter does not match adapter {i} ({spec.method}): missing {missing[:3]}, "
+                         f"unknown {unknown[:3]}; load it with the spec and target modules it was trained with")
+    with torch.no_grad():
+        for name, p in params.items():
+            key, v = found[name]
+            if v.shape != p.shape:
+                raise ValueError(f"{key}: shape {tuple(v.shape)} != {tuple(p.shape)} expected by this base "
+                                 "model and spec (rank_pattern / target modules differ?)")
+            p.copy_(v)

@@ -1,19 +1,19 @@
 """A Tinker-style client API: many adapter handles on one frozen base, for your own RL loop.
 
-    engine = le.Engine(base_model, tokenizer)              # one base model
-    a, b = engine.create_adapter(rank=8, seed=0), engine.create_adapter(rank=32, seed=1)
-    samples = engine.sample(prompts, adapter=a, n=8, temperature=1.0)   # tokens + sampling log-probs
+    client = le.Client(base_model, tokenizer)              # one base model (le.Engine: the same)
+    a, b = client.create_adapter(rank=8, seed=0), client.create_adapter(rank=32, seed=1)
+    samples = client.sample(prompts, adapter=a, n=8, temperature=1.0)   # tokens + sampling log-probs
     fa = a.forward_backward(samples.to_batch(advantages=adv_a), loss="importance_sampling")
     fb = b.forward_backward(batch_b, loss="ppo")           # queued, nothing computed yet
     a.optim_step(lr=1e-4)                                  # runs a's and b's work in ONE base
     b.optim_step(lr=3e-5)                                  # forward + backward, then steps a; b reuses it
     fa.result().loss, fa.result().logprobs                 # futures resolve at the first flush
-    a.save_state("ckpt/a"); a2 = engine.load_state("ckpt/a")   # weights (PEFT format) + optimizer
+    a.save_state("ckpt/a"); a2 = client.load_state("ckpt/a")   # weights (PEFT format) + optimizer
 
 Batching rule: ``forward_backward`` only queues. The queue runs as one base forward and one
 backward over every queued (adapter, batch, loss), each sequence routed to its own adapter,
-when any handle calls ``optim_step``, when a result is read, or on ``engine.flush()``.
-``engine.forward_backward_many([(a, batch, loss), ...])`` runs a list at once. Gradients
+when any handle calls ``optim_step``, when a result is read, or on ``client.flush()``.
+``client.forward_backward_many([(a, batch, loss), ...])`` runs a list at once. Gradients
 accumulate until that adapter's ``optim_step`` (as ``loss.backward()`` would); each adapter's
 gradient is the one it would get alone, because its loss reads only its own sequences.
 
@@ -37,11 +37,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_engine import ops
-from lora_engine.engine import methods
-from lora_engine.engine import peft_format
-from lora_engine.engine.bank import AdapterSpec
+from lora_engine.engine import methods, peft_format
+from lora_engine.engine.spec import AdapterSpec
 from lora_engine.rl.advantages import group_advantages
 from lora_engine.engine.model import MultiLoRAModel
+from lora_engine.rl.models import load_base
 from lora_engine.rl.rollout import generate
 
 LOSSES = ("importance_sampling", "ppo", "grpo")
@@ -64,7 +64,7 @@ class Batch:
             the prompt and padding; ``weights[:, 0]`` must be 0.
         attention_mask: [B, L] int64 0/1, or None for all ones.
         sampling_logprobs: [B, L] float32, log-prob of token t under the policy that sampled it
-            (``engine.sample`` returns them); required by the built-in losses, any value where
+            (``client.sample`` returns them); required by the built-in losses, any value where
             the weight is 0.
         advantages: [B] float32, one per sequence ("importance_sampling", "ppo").
         rewards: [B] float32 and group_ids: [B] int64, for "grpo" (advantages normalised over
@@ -127,7 +127,7 @@ class Batch:
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}: use one of {LOSSES} or a callable(logprobs, batch)")
         if self.sampling_logprobs is None or self.sampling_logprobs.shape != (B, L):
-            raise ValueError(f"loss {loss!r} needs sampling_logprobs [B, L]=[{B}, {L}] (engine.sample returns them)")
+            raise ValueError(f"loss {loss!r} needs sampling_logprobs [B, L]=[{B}, {L}] (client.sample returns them)")
         if loss == "grpo":
             for name in ("rewards", "group_ids"):
                 if getattr(self, name) is None or getattr(self, name).shape != (B,):
@@ -150,8 +150,8 @@ class ForwardBackwardOutput:
 class ForwardBackwardFuture:
     """A queued forward_backward; ``result()`` runs the queue if it has not run yet."""
 
-    def __init__(self, engine: "Engine"):
-        self._engine = engine
+    def __init__(self, client: "Client"):
+        self._client = client
         self._output: ForwardBackwardOutput | None = None
 
     @property
@@ -160,7 +160,7 @@ class ForwardBackwardFuture:
 
     def result(self) -> ForwardBackwardOutput:
         if self._output is None:
-            self._engine.flush()
+            self._client.flush()
         if self._output is None:
             raise ValueError("this forward_backward was lost: its queue raised an exception when it ran "
                              "(see that error); queue it again")
@@ -178,7 +178,7 @@ class _Work:
 
 @dataclass
 class Samples:
-    """Completions from ``Engine.sample``, one row per (prompt, sample): prompt_index[k] is the
+    """Completions from ``Client.sample``, one row per (prompt, sample): prompt_index[k] is the
     prompt of row k, ``tokens[k]`` its completion (up to and including EOS), ``logprobs[k]`` their
     sampling log-probs (temperature-scaled distribution), ``text[k]`` (with a tokenizer)."""
 
@@ -209,10 +209,10 @@ class Samples:
 # --- handles ------------------------------------------------------------------------------------
 
 class Adapter:
-    """A handle on one adapter of an ``Engine``: queue work, step its own AdamW, save it."""
+    """A handle on one adapter of a ``Client``: queue work, step its own AdamW, save it."""
 
-    def __init__(self, engine: "Engine", adapter_id: int):
-        self.engine = engine
+    def __init__(self, client: "Client", adapter_id: int):
+        self.client = client
         self.id = adapter_id
         self.step = 0
         self.sample_calls = 0
@@ -220,10 +220,10 @@ class Adapter:
 
     @property
     def spec(self) -> AdapterSpec:
-        return self.engine.lora.adapter_spec(self.id)
+        return self.client.engine.adapter_spec(self.id)
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        return self.engine.lora.adapter_parameters(self.id)
+        return self.client.engine.adapter_parameters(self.id)
 
     def forward_backward(self, batch: Batch, loss="importance_sampling", *, temperature: float = 1.0,
                          eps_low: float = 0.2, eps_high: float = 0.2) -> ForwardBackwardFuture:
@@ -233,14 +233,14 @@ class Adapter:
         temperature); ``eps_low``/``eps_high`` are the clip range of "ppo" and "grpo".
         """
         batch.check(loss)
-        fut = ForwardBackwardFuture(self.engine)
-        self.engine._queue.append(_Work(self, batch, loss, dict(temperature=temperature, eps_low=eps_low,
+        fut = ForwardBackwardFuture(self.client)
+        self.client._queue.append(_Work(self, batch, loss, dict(temperature=temperature, eps_low=eps_low,
                                                                 eps_high=eps_high), fut))
         return fut
 
     def optim_step(self, lr: float = 1e-4, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
                    grad_clip: float | None = 1.0) -> dict:
-        """Run the engine's queued work, then one AdamW step on this adapter and clear its grads.
+        """Run the client's queued work, then one AdamW step on this adapter and clear its grads.
 
         ``lr`` is A's learning rate; B (and 1-D tensors: DoRA's m, VeRA's d, b) step at
         ``lr * spec.lora_plus_ratio`` (1 unless the adapter is LoRA+). ``grad_clip``: max global
@@ -248,7 +248,7 @@ class Adapter:
         "skipped"}``: a non-finite gradient skips the step (the grads are cleared all the same),
         as the trainer does.
         """
-        self.engine.flush()
+        self.client.flush()
         params = self.parameters()
         if all(p.grad is None for p in params):
             raise ValueError(f"adapter {self.id} has no gradient: call forward_backward before optim_step")
@@ -268,7 +268,7 @@ class Adapter:
     def save_state(self, directory) -> Path:
         """Weights (PEFT format, loads with PeftModel and vLLM), optimizer state and counters."""
         directory = Path(directory)
-        peft_format.save_adapter(self.engine.lora, self.id, directory)
+        peft_format.save_adapter(self.client.engine, self.id, directory)
         meta = {"step": self.step, "sample_calls": self.sample_calls, "param_groups": None}
         if self.optimizer is not None:
             sd = self.optimizer.state_dict()
@@ -298,12 +298,12 @@ class Adapter:
 
     def _new_optimizer(self) -> torch.optim.AdamW:
         # Two groups as the trainer's: A-like tensors, then B-like ones (LoRA+ rate).
-        return torch.optim.AdamW(methods.param_groups(self.engine.lora, self.id))
+        return torch.optim.AdamW(methods.param_groups(self.client.engine, self.id))
 
 
-# --- the engine ---------------------------------------------------------------------------------
+# --- the client ---------------------------------------------------------------------------------
 
-class Engine:
+class Client:
     """One frozen base model; any number of adapter handles; batched work across handles.
 
     Args:
@@ -317,10 +317,9 @@ class Engine:
     def __init__(self, base_model, tokenizer=None, *, target_modules="all-linear", eos_id: int | None = None,
                  pad_id: int | None = None):
         if isinstance(base_model, (str, Path)):
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(base_model))
-            base_model = AutoModelForCausalLM.from_pretrained(str(base_model)).eval()
-        self.lora = MultiLoRAModel(base_model, [], target_modules=target_modules)
+            base_model, own_tokenizer = load_base(str(base_model), device="cpu")
+            tokenizer = tokenizer or own_tokenizer
+        self.engine = MultiLoRAModel(base_model, [], target_modules=target_modules)
         self.tokenizer = tokenizer
         gen = getattr(base_model, "generation_config", None)
         eos = eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None)
@@ -340,12 +339,12 @@ class Engine:
         """A new adapter, ``AdapterSpec(rank, alpha, seed, **spec_kwargs)`` (method, scaling,
         init, target_modules, rank_pattern, name...); every method starts as the base model.
         The spec's ``lr``/``weight_decay`` are unused here: ``optim_step`` takes them per call."""
-        return self._handle(self.lora.add_adapter(AdapterSpec(rank=rank, alpha=alpha, seed=seed, **spec_kwargs)))
+        return self._handle(self.engine.add_adapter(AdapterSpec(rank=rank, alpha=alpha, seed=seed, **spec_kwargs)))
 
     def load_state(self, directory) -> Adapter:
         """A new handle from ``Adapter.save_state`` (or any PEFT LoRA directory: weights only)."""
         directory = Path(directory)
-        handle = self._handle(self.lora.load_adapter(directory))
+        handle = self._handle(self.engine.load_adapter(directory))
         handle._load_optimizer(directory)
         return handle
 
@@ -381,7 +380,7 @@ class Engine:
             else:
                 seeds[a.id] = (a.spec.seed * 1_000_003 + a.sample_calls * 7_919 + 1) % 2**63
                 a.sample_calls += 1
-        ro = generate(self.lora, [prompt_ids[j] for j, _ in rows], [-1 if a is None else a.id for _, a in rows],
+        ro = generate(self.engine, [prompt_ids[j] for j, _ in rows], [-1 if a is None else a.id for _, a in rows],
                       eos_id=self.eos_id, pad_id=self.pad_id, max_new_tokens=max_new_tokens,
                       temperature=temperature, top_p=top_p, greedy=greedy, seeds=seeds)
         lengths = ro.completion_mask.sum(-1).tolist()
@@ -395,7 +394,7 @@ class Engine:
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("string prompts need a tokenizer: Engine(model, tokenizer) or pass token ids")
+                raise ValueError("string prompts need a tokenizer: Client(model, tokenizer) or pass token ids")
             return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         return [int(t) for t in prompt]
 
@@ -416,7 +415,7 @@ class Engine:
         return [f.result() for f in futures]
 
     def _run(self, queue: list[_Work]) -> list[ForwardBackwardOutput]:
-        model = self.lora.model
+        model = self.engine.model
         device = next(model.parameters()).device
         L = max(w.batch.input_ids.shape[1] for w in queue)
         pad = lambda t, v: torch.nn.functional.pad(t, (0, L - t.shape[1]), value=v)  # noqa: E731
@@ -424,22 +423,17 @@ class Engine:
         attn = torch.cat([pad(w.batch.attention_mask if w.batch.attention_mask is not None
                               else torch.ones_like(w.batch.input_ids), 0) for w in queue]).to(device)
         owner = torch.cat([torch.full((w.batch.input_ids.shape[0],), w.adapter.id, dtype=torch.long) for w in queue])
-        pos = (attn.cumsum(-1) - 1).clamp_min(0)
-        decoder = getattr(model, model.base_model_prefix)
-        with self.lora.use_adapters(owner):
-            hidden = decoder(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
-        head = model.get_output_embeddings().weight.detach()
+        hidden = self.engine.hidden_states(ids, attn, owner)
         total, outputs, row = None, [], 0
         for w in queue:
             B, Lw = w.batch.input_ids.shape
-            h, targets = hidden[row:row + B, :Lw - 1], ids[row:row + B, 1:Lw]
             weights = w.batch.weights.to(device)
-            keep = (attn[row:row + B, 1:Lw] != 0) if callable(w.loss) else (weights[:, 1:] != 0)
+            # Scored positions: the non-zero weights (a callable loss sees every attended token).
+            keep = (attn[row:row + B, :Lw] != 0) if callable(w.loss) else (weights != 0)
+            logp = self.engine.logprobs_from_hidden(hidden[row:row + B, :Lw], ids[row:row + B, :Lw], keep,
+                                                    temperature=w.loss_kwargs["temperature"])
+            keep = keep[:, 1:]
             row += B
-            idx = keep.reshape(-1).nonzero().squeeze(1)
-            lp = ops.token_logprobs(h.reshape(-1, h.shape[-1]).index_select(0, idx), head,
-                                    targets.reshape(-1).index_select(0, idx), temperature=w.loss_kwargs["temperature"])
-            logp = torch.cat([lp.new_zeros(B, 1), lp.new_zeros(B * (Lw - 1)).index_put((idx,), lp).view(B, Lw - 1)], 1)
             loss, metrics = self._loss(w, logp, weights)
             metrics["tokens"] = float(keep.sum())
             outputs.append(ForwardBackwardOutput(float(loss.detach()), logp.detach(), metrics))
@@ -472,3 +466,7 @@ class Engine:
                                     eps_low=w.loss_kwargs["eps_low"], eps_high=w.loss_kwargs["eps_high"],
                                     num_adapters=1)
         return losses[0] * (B * L), {"ratio_mean": float(m["ratio_mean"][0]), "clip_frac": float(m["clip_frac"][0])}
+
+
+# The client's first name; kept so existing code runs unchanged.
+Engine = Client

@@ -38,17 +38,17 @@ from torch import nn
 
 from lora_engine import ops
 from lora_engine.engine import peft_format
-from lora_engine.engine.bank import AdapterSpec
+from lora_engine.engine.spec import AdapterSpec
 from lora_engine.engine.layers import MultiLoRALinear, RoutingState
 from lora_engine.engine.model import MultiLoRAModel
 from lora_engine.engine.routing import build_routing
+from lora_engine.kernels.policy_loss import LOSS_TYPES
 
 try:
     from trl import GRPOTrainer
 except ImportError as e:  # pragma: no cover - trl is an optional extra
     raise ImportError("lora_engine.interop.trl needs trl: pip install 'lora-engine[trl]'") from e
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 # Config fields that rescale or cap the logits inside the model's own head; the fused path
 # computes plain ``h @ W^T / temperature``, so models that set them are refused.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
@@ -152,7 +152,7 @@ def check_trl_args(args) -> None:
     """Raise ``ValueError`` for ``GRPOConfig`` settings the fused path does not implement."""
     bad = []
     if args.loss_type not in LOSS_TYPES:
-        bad.append(f"loss_type={args.loss_type!r} (use one of {LOSS_TYPES})")
+        bad.append(f"loss_type={args.loss_type!r} (use one of {tuple(LOSS_TYPES)})")
     if args.top_entropy_quantile < 1.0:
         bad.append("top_entropy_quantile < 1 (the entropy mask; leave it at 1.0)")
     if args.off_policy_mask_threshold is not None:

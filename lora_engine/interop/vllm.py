@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from lora_engine.engine import peft_format
+from lora_engine.engine import methods, peft_format
 from lora_engine.rl.rollout import Rollouts, left_pad
 
 # Values every vLLM release with LoRA accepts for max_lora_rank (vllm.config.lora.MaxLoRARanks
@@ -61,13 +61,16 @@ def export_adapters(engine, root, ids=None, base_model_name: str | None = None) 
 
 
 def served_rank(spec) -> int:
-    """The rank vLLM sees for an adapter of ``spec``: its largest per-module rank, doubled for
-    PiSSA/MiLoRA (exported as PEFT's converted rank-2r LoRA). Methods vLLM cannot serve raise."""
-    if spec.method in ("dora", "vera", "full"):
-        raise ValueError(f"method {spec.method!r} cannot be served by vLLM (LoRA-family adapters only: lora, "
-                         "rslora, lora_plus, lora_fa, pissa, milora); use the built-in rollout")
-    r = max([spec.rank, *(spec.rank_pattern or {}).values()])
-    return 2 * r if spec.method in ("pissa", "milora") else r
+    """The rank vLLM sees for an adapter of ``spec``: its largest per-module rank in the PEFT
+    export (PiSSA/MiLoRA are PEFT's converted rank-2r LoRA). Methods vLLM cannot serve raise."""
+    method = methods.method_of(spec)
+    cfg = method.peft_config(spec) if method.peft_config is not None else None
+    if cfg is None or cfg["peft_type"] != "LORA" or cfg.get("use_dora"):
+        servable = [m for m, rec in methods.TABLE.items() if rec.peft_config is not None
+                    and rec.peft_config(spec)["peft_type"] == "LORA" and not rec.peft_config(spec).get("use_dora")]
+        raise ValueError(f"method {spec.method!r} cannot be served by vLLM (LoRA-family adapters only: "
+                         f"{', '.join(servable)}); use the built-in rollout")
+    return max([cfg["r"], *cfg["rank_pattern"].values()])
 
 
 def check_lora_request_dir(directory, max_lora_rank: int) -> dict:

@@ -18,14 +18,14 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from lora_engine.engine.bank import AdapterSpec
+from lora_engine.engine.spec import AdapterSpec
+from lora_engine.kernels.policy_loss import LOSS_TYPES
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class TrainConfig:
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+            raise ValueError(f"loss_type must be one of {tuple(LOSS_TYPES)}, got {self.loss_type!r}")
         if self.scale_rewards not in ("std", "none"):
             raise ValueError(f"scale_rewards must be 'std' or 'none' (Dr.GRPO), got {self.scale_rewards!r}")
         for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "inner_updates"):

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -31,7 +29,9 @@ import torch
 from lora_engine import ops
 from lora_engine.engine import methods
 from lora_engine.rl.advantages import group_advantages, make_group_ids
+from lora_engine.rl import checkpoints
 from lora_engine.rl.config import TrainConfig, save_config
+from lora_engine.rl.models import load_base
 from lora_engine.engine.model import MultiLoRAModel
 from lora_engine.engine.peft_format import load_adapter_weights, save_adapter
 from lora_engine.rl.rollout import Rollouts, generate
@@ -39,31 +39,11 @@ from lora_engine.rl.runinfo import run_info
 from lora_engine.rl.tasks import load_task
 
 
-def load_base(cfg: TrainConfig):
-    """The base model and tokenizer: the built-in tiny default or a local Hugging Face path."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = cfg.model
-    if path == "tiny":
-        from lora_engine.rl.tiny_model import build_tiny_model
-        path = build_tiny_model(progress=cfg.progress)
-    elif not Path(path).exists():
-        raise ValueError(f"model {cfg.model!r} is neither 'tiny' nor a local directory: give the path of a "
-                         "saved Hugging Face model (no hub downloads)")
-    dtype = getattr(torch, cfg.dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tokenizer
-
-
 class GRPOTrainer:
     def __init__(self, cfg: TrainConfig, model=None, tokenizer=None, task=None):
         self.cfg = cfg
         if model is None:
-            model, tokenizer = load_base(cfg)
+            model, tokenizer = load_base(cfg.model, cfg.dtype, cfg.device, progress=cfg.progress)
         self.tokenizer = tokenizer
         self.engine = MultiLoRAModel(model, list(cfg.adapters), target_modules=cfg.target_modules)
         self.ids = self.engine.adapter_ids
@@ -128,17 +108,14 @@ class GRPOTrainer:
 
     # -- 4. log-probs from hidden states (fused: no [T, V] logits on the GPU path) -------
     def token_logprobs(self, ro: Rollouts, adapter_ids, entropy=False):
-        model = self.engine.model
-        decoder = getattr(model, model.base_model_prefix)
-        pos = (ro.attention_mask.cumsum(-1) - 1).clamp_min(0)
-        with self.engine.use_adapters(adapter_ids):
-            h = decoder(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=pos).last_hidden_state
-        P, C = ro.prompt_len, ro.completion_ids.shape[1]
-        # Only generated tokens go through the LM head; padding after EOS holds 0 (log-ratio 0,
-        # weight 0 in the loss, masked in every metric).
-        return ops.masked_token_logprobs(h[:, P - 1:P + C - 1], model.get_output_embeddings().weight,
-                                         ro.completion_ids, ro.completion_mask,
-                                         temperature=self.cfg.temperature, return_entropy=entropy)
+        """[B, C] log-probs of the completions (and entropies) under ``adapter_ids`` (-1: the base)."""
+        P = ro.prompt_len
+        # Only generated tokens are scored; padding after EOS holds 0 (log-ratio 0, weight 0 in
+        # the loss, masked in every metric).
+        score = torch.nn.functional.pad(ro.completion_mask, (P, 0))
+        res = self.engine.sequence_logprobs(ro.input_ids, ro.attention_mask, adapter_ids, score,
+                                            temperature=self.cfg.temperature, return_entropy=entropy)
+        return tuple(r[:, P:] for r in res) if entropy else res[:, P:]
 
     # -- 5. one training step -----------------------------------------------------------
     def step(self, step: int) -> dict[int, dict]:
@@ -303,30 +280,14 @@ class GRPOTrainer:
 
     # -- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """adapters (PEFT format) + optimizer states + counters, written atomically."""
-        ckpt_root = self.out / "checkpoints"
-        final = ckpt_root / f"step_{self.step_idx:06d}"
-        tmp = ckpt_root / f".tmp_step_{self.step_idx:06d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for a in self.ids:
-            save_adapter(self.engine, a, tmp / f"adapter_{a}", base_model_name=self.cfg.model)
-        torch.save({str(a): opt.state_dict() for a, opt in self.optimizers.items()}, tmp / "optimizers.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": self.step_idx, "tokens": self.tokens,
-                                                    "config": self._resume_key()}, default=str))
-        if final.exists():
-            # Never delete the directory `latest` may name before its replacement is in place.
-            old = ckpt_root / f".old_{final.name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        latest_tmp = ckpt_root / ".latest.tmp"
-        latest_tmp.write_text(final.name)
-        os.replace(latest_tmp, ckpt_root / "latest")
-        return final
+        """adapters (PEFT format) + optimizer states + counters, written atomically (``checkpoints``)."""
+        def fill(d: Path) -> None:
+            for a in self.ids:
+                save_adapter(self.engine, a, checkpoints.adapter_dir(d, a), base_model_name=self.cfg.model)
+            torch.save({str(a): opt.state_dict() for a, opt in self.optimizers.items()}, d / checkpoints.OPTIMIZERS_FILE)
+            (d / checkpoints.STATE_FILE).write_text(json.dumps({"step": self.step_idx, "tokens": self.tokens,
+                                                                "config": self._resume_key()}, default=str))
+        return checkpoints.write_checkpoint(self.out, self.step_idx, fill)
 
     # Fields a resumed run may change (extend steps, evaluate more often...); any other change
     # means the checkpoint belongs to a different experiment.
@@ -338,13 +299,10 @@ class GRPOTrainer:
         return json.loads(json.dumps({k: v for k, v in d.items() if k not in self.RESUME_MAY_CHANGE}, default=str))
 
     def load_checkpoint(self) -> bool:
-        latest = self.out / "checkpoints" / "latest"
-        if not latest.exists():
+        ckpt = checkpoints.latest_checkpoint(self.out)
+        if ckpt is None:
             return False
-        ckpt = self.out / "checkpoints" / latest.read_text().strip()
-        if not ckpt.exists() and (ckpt.parent / f".old_{ckpt.name}").exists():
-            ckpt = ckpt.parent / f".old_{ckpt.name}"  # a crash between the two renames of a re-save
-        state = json.loads((ckpt / "state.json").read_text())
+        state = json.loads((ckpt / checkpoints.STATE_FILE).read_text())
         saved = state.get("config")
         if saved is not None and saved != self._resume_key():
             changed = sorted(k for k in set(saved) | set(self._resume_key())
@@ -353,8 +311,8 @@ class GRPOTrainer:
                              f"{changed}): use another output_dir (--set output_dir=...) or start over "
                              "with --set resume=false")
         for a in self.ids:
-            load_adapter_weights(self.engine, a, ckpt / f"adapter_{a}")
-        opt_states = torch.load(ckpt / "optimizers.pt", weights_only=True)
+            load_adapter_weights(self.engine, a, checkpoints.adapter_dir(ckpt, a))
+        opt_states = torch.load(ckpt / checkpoints.OPTIMIZERS_FILE, weights_only=True)
         for a in self.ids:
             self.optimizers[a].load_state_dict(opt_states[str(a)])
         self.tokens = {int(k): v for k, v in state["tokens"].items()}

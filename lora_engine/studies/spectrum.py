@@ -2,7 +2,7 @@
 
 For one module with base weight W [N, K] = U S V^T (thin SVD, singular values descending,
 U [N, m], V [K, m], m = min(N, K)) and update dW [N, K] (the adapter's W_eff - W, see
-``methods.delta_weight``), let U_k, V_k be the top-k left/right singular vectors and
+``methods.delta_weights``), let U_k, V_k be the top-k left/right singular vectors and
 P = U_k U_k^T, Q = V_k V_k^T. dW splits into four Frobenius-orthogonal parts
 
     P dW Q  +  P dW (I - Q)  +  (I - P) dW Q  +  (I - P) dW (I - Q)
@@ -31,7 +31,9 @@ from pathlib import Path
 
 import torch
 
-from lora_engine.engine import methods
+from lora_engine.engine import methods, peft_format
+from lora_engine.rl import checkpoints
+from lora_engine.rl.models import load_base
 
 
 def _svd(weight: torch.Tensor):
@@ -180,30 +182,14 @@ def plot_spectrum(rows: list[SpectrumRow], curves: dict, path, top_k: int) -> Pa
 
 # --- a trainer run ---------------------------------------------------------------------------------
 
-def load_base_model(model: str):
-    """A base model in fp32 for analysis: ``"tiny"`` (``lora_engine.rl.tiny_model.build_tiny_model``) or a local path."""
-    from transformers import AutoModelForCausalLM
-
-    path = model
-    if model == "tiny":
-        from lora_engine.rl.tiny_model import build_tiny_model
-        path = build_tiny_model(progress=False)
-    elif not Path(model).exists():
-        raise ValueError(f"model {model!r} is neither 'tiny' nor a local directory: pass --model PATH of the "
-                         "base model the run trained on")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
 def _specs_of(run_dir: Path, ckpt: Path, cfg: dict):
     """[(id, adapter dir, spec)]: specs from the run's config.json, else from each adapter's own."""
-    from lora_engine.engine.bank import AdapterSpec
+    from lora_engine.engine.spec import AdapterSpec
     from lora_engine.engine.peft_format import read_spec
 
     known = {f.name for f in fields(AdapterSpec)}
-    dirs = sorted((p for p in ckpt.glob("adapter_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
     specs = []
-    for p in dirs:
-        i = int(p.name.split("_")[1])
+    for i, p in checkpoints.adapter_dirs(ckpt).items():
         if "adapters" in cfg and i < len(cfg["adapters"]):
             spec = AdapterSpec(**{k: v for k, v in cfg["adapters"][i].items() if k in known})
         else:
@@ -224,17 +210,16 @@ def load_run(run_dir, model: str | None = None):
     from lora_engine.engine.model import MultiLoRAModel
 
     run_dir = Path(run_dir)
-    cfg_path, latest = run_dir / "config.json", run_dir / "checkpoints" / "latest"
-    if not cfg_path.exists() or not latest.exists():
+    cfg_path, ckpt = run_dir / "config.json", checkpoints.latest_checkpoint(run_dir)
+    if not cfg_path.exists() or ckpt is None:
         raise ValueError(f"{run_dir} must hold config.json and checkpoints/latest (a trainer run directory)")
     cfg = json.loads(cfg_path.read_text())
-    ckpt = run_dir / "checkpoints" / latest.read_text().strip()
     specs = _specs_of(run_dir, ckpt, cfg)
-    base = load_base_model(model or cfg.get("model", "tiny"))
+    base = load_base(model or cfg.get("model", "tiny"), "float32", "cpu", progress=False)[0]
     engine = MultiLoRAModel(base, [s for _, _, s in specs], target_modules=cfg.get("target_modules", "all-linear"))
     labels = {}
     for i, p, spec in specs:
-        methods.load_adapter_state(engine, i, load_file(str(p / "adapter_model.safetensors")))
+        peft_format.load_adapter_state(engine, i, load_file(str(p / "adapter_model.safetensors")))
         rank = "" if spec.method == "full" else f" r={spec.rank}"
         labels[i] = f"{i}: {spec.name or spec.method}{rank}"
     return engine, labels

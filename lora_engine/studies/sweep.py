@@ -33,6 +33,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import SimpleNamespace
 
+from lora_engine.atomic import write_json_atomic
+from lora_engine.rl import checkpoints
 from lora_engine.rl.config import TrainConfig, config_from_dict, tomllib
 
 GRID_KEYS = ("rank", "prompts_per_step", "seed", "lr", "method", "alpha")
@@ -221,7 +223,8 @@ def run_sweep(spec_path, out_dir, progress: bool = True, base=None, task=None, g
 def run_group(spec: SweepSpec, g: int, out_dir, base=None, task=None):
     """Train group ``g`` (all its adapters concurrently) unless its runs are finished; returns the
     (model, tokenizer) base so the caller can reuse it for the next group."""
-    from lora_engine.rl.trainer import GRPOTrainer, load_base
+    from lora_engine.rl.models import load_base
+    from lora_engine.rl.trainer import GRPOTrainer
 
     out_dir = Path(out_dir)
     runs = spec.groups[g]
@@ -229,7 +232,7 @@ def run_group(spec: SweepSpec, g: int, out_dir, base=None, task=None):
         return base
     cfg = group_config(spec, g, out_dir)
     if base is None:
-        base = load_base(cfg)  # one base model per process, shared by every group it runs
+        base = load_base(cfg.model, cfg.dtype, cfg.device, progress=cfg.progress)  # one base model per process, shared by every group it runs
     model, tokenizer = base
     trainer = GRPOTrainer(cfg, model=model, tokenizer=tokenizer, task=task)
     summary = trainer.fit()
@@ -241,7 +244,7 @@ def run_group(spec: SweepSpec, g: int, out_dir, base=None, task=None):
 def _record_group(out_dir: Path, g: int, spec: SweepSpec, cfg: TrainConfig, trainer, summary: dict) -> None:
     from lora_engine.rl.runinfo import run_info
 
-    ckpt = trainer.out / "checkpoints" / (trainer.out / "checkpoints" / "latest").read_text().strip()
+    ckpt = checkpoints.latest_checkpoint(trainer.out)
     k = cfg.eval_samples
     for i, run in enumerate(spec.groups[g]):
         a = trainer.ids[i]
@@ -255,7 +258,7 @@ def _record_group(out_dir: Path, g: int, spec: SweepSpec, cfg: TrainConfig, trai
             "base_score": summary["base"], "final_score": fin["pass@1"], "gain": fin["pass@1"] - summary["base"],
             "tokens": summary["tokens"][str(a)], "trainable_params": n_params,
             "optimizer_bytes": 8 * n_params,  # two fp32 AdamW moments
-            "checkpoint_bytes": _dir_bytes(ckpt / f"adapter_{a}"),
+            "checkpoint_bytes": _dir_bytes(checkpoints.adapter_dir(ckpt, a)),
             "entropy_initial": ini["entropy"], "entropy_final": fin["entropy"],
             "pass_at_k_base": summary["base_eval"].get(f"pass@{k}", "") if k else "",
             "pass_at_k_final": fin.get(f"pass@{k}", "") if k else "", "k": k or "",
@@ -266,9 +269,7 @@ def _record_group(out_dir: Path, g: int, spec: SweepSpec, cfg: TrainConfig, trai
         (run_dir / "config.json").write_text(json.dumps({"run": row["run_id"], "seed": run.seed,
                                                          "group_config": cfg.to_dict()}, indent=2, default=str))
         (run_dir / "run.json").write_text(json.dumps(run_info(), indent=2))
-        tmp = run_dir / "result.json.tmp"
-        tmp.write_text(json.dumps(row, indent=2))
-        tmp.replace(run_dir / "result.json")
+        write_json_atomic(run_dir / "result.json", row)
 
 
 def write_results(out_dir) -> Path:
