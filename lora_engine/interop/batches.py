@@ -1,0 +1,140 @@
+"""The client's data: a training ``Batch``, sampled ``Samples``, and a forward_backward's output.
+
+Every [B, L] tensor is aligned with ``input_ids``: entry ``[b, t]`` is about token t of row b,
+predicted from tokens ``< t``. ``LOSSES`` are the built-in losses ``Client`` computes (their
+definitions: ``lora_engine.interop.client``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+LOSSES = ("importance_sampling", "ppo", "grpo")
+
+
+@dataclass
+class Batch:
+    """Training data for one adapter: B sequences of prompt + completion tokens.
+
+    Every [B, L] tensor is aligned with ``input_ids``: entry ``[b, t]`` is about token t of row
+    b, predicted from tokens ``< t`` (so column 0 never carries a loss).
+
+    Attributes:
+        input_ids: [B, L] int64 token ids, prompt then completion, padded where
+            ``attention_mask`` is 0 (right padding usually; left works too).
+        weights: [B, L] float32 >= 0, the loss weight of token t: 1 on completion tokens, 0 on
+            the prompt and padding; ``weights[:, 0]`` must be 0.
+        attention_mask: [B, L] int64 0/1, or None for all ones.
+        sampling_logprobs: [B, L] float32, log-prob of token t under the policy that sampled it
+            (``client.sample`` returns them); required by the built-in losses, any value where
+            the weight is 0.
+        advantages: [B] float32, one per sequence ("importance_sampling", "ppo").
+        rewards: [B] float32 and group_ids: [B] int64, for "grpo" (advantages normalised over
+            the rows that share a group id, e.g. the samples of one prompt).
+    """
+
+    input_ids: torch.Tensor
+    weights: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    sampling_logprobs: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    group_ids: torch.Tensor | None = None
+
+    @classmethod
+    def from_sequences(cls, prompts: list[list[int]], completions: list[list[int]],
+                       sampling_logprobs: list[list[float]] | None = None, advantages=None, rewards=None,
+                       group_ids=None, pad_id: int = 0) -> "Batch":
+        """Right-padded tensors from token lists; weight 1 on every completion token."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions: give one each")
+        B = len(prompts)
+        L = max([len(p) + len(c) for p, c in zip(prompts, completions)] + [1])
+        ids = torch.full((B, L), pad_id, dtype=torch.long)
+        attn = torch.zeros((B, L), dtype=torch.long)
+        w = torch.zeros((B, L), dtype=torch.float32)
+        q = torch.zeros((B, L), dtype=torch.float32) if sampling_logprobs is not None else None
+        for b, (p, c) in enumerate(zip(prompts, completions)):
+            if not p:
+                raise ValueError(f"row {b} has an empty prompt: the first completion token needs a prefix")
+            n, m = len(p), len(c)
+            ids[b, :n + m] = torch.tensor(list(p) + list(c), dtype=torch.long)
+            attn[b, :n + m] = 1
+            w[b, n:n + m] = 1.0
+            if q is not None:
+                if len(sampling_logprobs[b]) != m:
+                    raise ValueError(f"row {b}: {len(sampling_logprobs[b])} sampling log-probs for {m} tokens")
+                q[b, n:n + m] = torch.tensor(sampling_logprobs[b], dtype=torch.float32)
+        as_t = lambda x, dt: None if x is None else torch.as_tensor(x, dtype=dt)  # noqa: E731
+        return cls(ids, w, attn, q, as_t(advantages, torch.float32), as_t(rewards, torch.float32),
+                   as_t(group_ids, torch.long))
+
+    def check(self, loss) -> None:
+        """Raise ``ValueError`` (naming the fix) if this batch cannot feed ``loss``."""
+        ids, w = self.input_ids, self.weights
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+            raise ValueError("input_ids must be an int64 tensor [B, L]; build it with Batch.from_sequences")
+        B, L = ids.shape
+        if not isinstance(w, torch.Tensor) or w.shape != (B, L) or not w.is_floating_point():
+            raise ValueError(f"weights must be a float tensor [B, L]=[{B}, {L}] aligned with input_ids")
+        if bool((w < 0).any()) or bool((w[:, 0] != 0).any()):
+            raise ValueError("weights must be >= 0 with weights[:, 0] == 0 (token 0 has no prefix to predict it from)")
+        if self.attention_mask is not None:
+            if self.attention_mask.shape != (B, L):
+                raise ValueError(f"attention_mask must be [B, L]=[{B}, {L}] or None")
+            if bool(((w != 0) & (self.attention_mask == 0)).any()):
+                raise ValueError("weights are nonzero on padding (attention_mask 0); zero them there")
+        if callable(loss):
+            return
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}: use one of {LOSSES} or a callable(logprobs, batch)")
+        if self.sampling_logprobs is None or self.sampling_logprobs.shape != (B, L):
+            raise ValueError(f"loss {loss!r} needs sampling_logprobs [B, L]=[{B}, {L}] (client.sample returns them)")
+        if loss == "grpo":
+            for name in ("rewards", "group_ids"):
+                if getattr(self, name) is None or getattr(self, name).shape != (B,):
+                    raise ValueError(f"loss 'grpo' needs {name} [B]=[{B}] (one per sequence)")
+        elif self.advantages is None or self.advantages.shape != (B,):
+            raise ValueError(f"loss {loss!r} needs advantages [B]=[{B}], one per sequence")
+
+
+@dataclass
+class ForwardBackwardOutput:
+    """What one forward_backward computed: ``loss`` (float), ``logprobs`` [B, L] fp32 (log-prob
+    of token t where the weight is nonzero, or every real token for a callable loss; 0
+    elsewhere), ``metrics`` (tokens, and ratio_mean / clip_frac for the built-in losses)."""
+
+    loss: float
+    logprobs: torch.Tensor
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class Samples:
+    """Completions from ``Client.sample``, one row per (prompt, sample): prompt_index[k] is the
+    prompt of row k, ``tokens[k]`` its completion (up to and including EOS), ``logprobs[k]`` their
+    sampling log-probs (temperature-scaled distribution), ``text[k]`` (with a tokenizer)."""
+
+    prompt_tokens: list[list[int]]
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    prompt_index: list[int]
+    adapters: list["object | None"]
+    truncated: list[bool]
+    text: list[str] | None
+    pad_id: int
+
+    def for_adapter(self, adapter: "object | None") -> "Samples":
+        """The rows sampled with ``adapter`` (None: the base model)."""
+        rows = [k for k, a in enumerate(self.adapters) if a is adapter]
+        pick = lambda xs: None if xs is None else [xs[k] for k in rows]  # noqa: E731
+        return Samples(pick(self.prompt_tokens), pick(self.tokens), pick(self.logprobs), pick(self.prompt_index),
+                       pick(self.adapters), pick(self.truncated), pick(self.text), self.pad_id)
+
+    def to_batch(self, advantages=None, rewards=None, group_ids=None) -> Batch:
+        """A training ``Batch`` of these rows; ``group_ids`` defaults to ``prompt_index`` (for grpo)."""
+        if rewards is not None and group_ids is None:
+            group_ids = self.prompt_index
+        return Batch.from_sequences(self.prompt_tokens, self.tokens, self.logprobs, advantages=advantages,
+                                    rewards=rewards, group_ids=group_ids, pad_id=self.pad_id)
