@@ -95,7 +95,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         return args.fn(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        # Bad input, a missing file or a missing optional extra: one line naming the fix.
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from lora_engine.studies import analysis
-from lora_engine.rl import rewards
+from lora_engine.rl import metrics
 from lora_engine.studies.analysis import (
     config_key,
     families,
@@ -16,7 +16,8 @@ from lora_engine.studies.analysis import (
     seed_runs_for_budget,
     summarize,
 )
-from lora_engine.studies.report import FIGURES, main, write_report
+from lora_engine.cli import main as cli_main
+from lora_engine.studies.report import FIGURES, write_report
 
 COLUMNS = [
     "run_id", "group", "rank", "alpha", "method", "lr", "seed", "prompts_per_step", "samples_per_prompt",
@@ -221,8 +222,8 @@ def test_seed_runs_for_budget_by_memory_footprint():
         seed_runs_for_budget([{"rank": 1, "gain": 0.1}], 1e9)
 
 
-def test_pass_at_k_and_avg_at_k_are_the_rewards_functions():
-    assert analysis.pass_at_k is rewards.pass_at_k and analysis.avg_at_k is rewards.avg_at_k
+def test_pass_at_k_and_avg_at_k_are_the_metrics_functions():
+    assert analysis.pass_at_k is metrics.pass_at_k and analysis.avg_at_k is metrics.avg_at_k
     assert analysis.pass_at_k(4, 1, 2) == pytest.approx(0.5)
 
 
@@ -365,7 +366,8 @@ def test_write_report_all_runs_failed(tmp_path):
 
 
 def test_report_command_line(tmp_path, capsys):
-    assert main([]) == 2
+    assert cli_main(["report", str(tmp_path)]) == 2  # no results.csv: a one-line error
+    assert "results.csv" in capsys.readouterr().err
     _write_csv(tmp_path / "results.csv", [_run(4, 16, 0, 0.1)], COLUMNS)
-    assert main([str(tmp_path)]) == 0
-    assert capsys.readouterr().out.strip() == str(tmp_path / "report.md")
+    assert cli_main(["report", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == f"report: {tmp_path / 'report.md'}"

@@ -9,18 +9,17 @@ from functools import partial
 
 import pytest
 
+from lora_engine.rl.metrics import avg_at_k, pass_at_k
 from lora_engine.rl.rewards import (
     RewardStats,
-    VerifyPool,
-    avg_at_k,
     boxed_format_reward,
     combine,
     extract_boxed,
     length_penalty,
     math_verify_reward,
-    pass_at_k,
     reasoning_gym_reward,
 )
+from lora_engine.rl.verifier import VerifyPool
 
 
 def _call(fn, completions, answers, **kw):

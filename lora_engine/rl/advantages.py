@@ -18,7 +18,7 @@ Sequence rewards (one scalar per completion), :func:`group_advantages`, match TR
 with ``std_g`` the *unbiased* (Bessel-corrected, n-1) standard deviation, ``eps = 1e-4``, and a
 skipped sample (reward None/NaN) excluded from its group's mean and std and given advantage 0.
 
-Per-token rewards (STUDIES.md C): the reward arrives as *deposits* ``[B, L]`` on some tokens.
+Per-token rewards (study C, reward density vs rank): the reward arrives as *deposits* ``[B, L]`` on some tokens.
 Sparse deposits (an outcome reward on the last token, a process reward per step) become
 return-to-go (:func:`token_returns`); dense deposits (a per-token distillation reward) are used
 as they are. :func:`deposit_advantages` branches on the measured deposit density of each
@@ -27,7 +27,6 @@ group, never on the name of the reward, then normalises per group over tokens
 """
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
 
@@ -261,7 +260,7 @@ def deposit_advantages(
     scale: str = "std",
     eps: float = 1e-4,
 ) -> tuple[torch.Tensor, dict]:
-    """Per-token advantages from per-token deposits, branching on deposit density (STUDIES.md C).
+    """Per-token advantages from per-token deposits, branching on deposit density (study C).
 
     Per group: density > ``dense_threshold`` -> the deposits themselves are the per-token
     values (dense, e.g. distillation ``r_t = log pi_T - log pi``); otherwise the return-to-go

@@ -271,7 +271,7 @@ class GRPOTrainer:
                     res[a]["pass@1"] = float(scores[i].mean())
                     res[a]["entropy"] = float(ent_row[i].mean())
             else:
-                from lora_engine.rl.rewards import pass_at_k
+                from lora_engine.rl.metrics import pass_at_k
                 for i, a in enumerate(adapters):
                     c = (scores[i] > 0.5).sum(-1).tolist()
                     res[a][f"avg@{n}"] = float(scores[i].mean())

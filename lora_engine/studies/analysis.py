@@ -5,8 +5,8 @@ a fixed number of steps), read by :func:`load_results` into a list of dicts with
 Every other function takes such a list (or any list of dicts with the same keys) and returns
 plain dicts: no pandas, numpy only for arithmetic.
 
-Definitions (study A of ``STUDIES.md``, implemented exactly)
-------------------------------------------------------------
+Definitions (study A: the rank x batch x seed sweep of Qwen3-8B, implemented exactly)
+-------------------------------------------------------------------------------------
 - run: one row. A run is *usable* when ``status == "done"`` (a missing status counts as done)
   and its gain is finite. Every other run (``status == "failed"``, or a NaN/empty gain) is
   *excluded* from every statistic and counted in ``n_failed``.
@@ -38,7 +38,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from lora_engine.rl.rewards import avg_at_k, pass_at_k
+from lora_engine.rl.metrics import avg_at_k, pass_at_k
+from lora_engine.studies.results import INT_COLUMNS, STRING_COLUMNS, batch_size
 
 __all__ = [
     "CONFIG_COLUMNS",
@@ -59,12 +60,6 @@ __all__ = [
 CONFIG_COLUMNS = (
     "rank", "batch_size", "lr", "method", "alpha", "prompts_per_step", "samples_per_prompt", "steps",
 )
-STRING_COLUMNS = ("run_id", "group", "method", "status")
-INT_COLUMNS = (
-    "rank", "seed", "prompts_per_step", "samples_per_prompt", "batch_size", "steps", "tokens",
-    "trainable_params", "optimizer_bytes", "checkpoint_bytes", "k",
-)
-
 
 # --- reading -----------------------------------------------------------------------------------
 
@@ -140,7 +135,7 @@ def _fill_derived(row: dict) -> None:
     if not _finite(row.get("batch_size")):
         pps, spp = row.get("prompts_per_step"), row.get("samples_per_prompt")
         if _finite(pps) and _finite(spp):
-            row["batch_size"] = int(pps * spp)
+            row["batch_size"] = batch_size(pps, spp)
     if not _finite(row.get("gain")):
         base, final = row.get("base_score"), row.get("final_score")
         row["gain"] = final - base if _finite(base) and _finite(final) else math.nan

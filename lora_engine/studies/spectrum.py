@@ -15,7 +15,7 @@ whose energies sum to ||dW||_F^2. We report each as a fraction of ||dW||_F^2:
 the share of the update that reads from W's top-k input directions *and* writes into its
 top-k output directions; 1 - top_k is "the rest". A dW with no preference (i.i.d. entries)
 has E[top_k] = k^2 / (N K): the ``chance`` column. RL fine-tuning updates are reported to sit
-*off* the principal directions (top_k near chance), PiSSA's on them (STUDIES.md, section B).
+*off* the principal directions (top_k near chance), PiSSA's on them (study B, PEFT methods in RLVR: its spectral finding).
 A zero update (any LoRA at step 0) has no direction: its fractions are NaN.
 
 ``energy_split`` / ``energy_curve`` work on in-memory (W, dW) pairs; ``run_spectrum`` (the

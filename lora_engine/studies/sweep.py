@@ -25,24 +25,19 @@ read back from disk, and an interrupted group resumes from its last checkpoint.
 """
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 from lora_engine.atomic import write_json_atomic
 from lora_engine.rl import checkpoints
 from lora_engine.rl.config import TrainConfig, config_from_dict, tomllib
+from lora_engine.studies import results
 
 GRID_KEYS = ("rank", "prompts_per_step", "seed", "lr", "method", "alpha")
-RESULT_FIELDS = ["run_id", "group", "rank", "alpha", "method", "lr", "seed", "prompts_per_step",
-                 "samples_per_prompt", "batch_size", "steps", "base_score", "final_score", "gain",
-                 "tokens", "trainable_params", "optimizer_bytes", "checkpoint_bytes", "entropy_initial",
-                 "entropy_final", "pass_at_k_base", "pass_at_k_final", "k", "wall_s", "status"]
-
 
 @dataclass(frozen=True)
 class Run:
@@ -254,7 +249,7 @@ def _record_group(out_dir: Path, g: int, spec: SweepSpec, cfg: TrainConfig, trai
             "run_id": run.run_id, "group": g, "rank": run.rank, "alpha": run.alpha, "method": run.method,
             "lr": run.lr, "seed": run.seed, "prompts_per_step": run.prompts_per_step,
             "samples_per_prompt": cfg.samples_per_prompt,
-            "batch_size": run.prompts_per_step * cfg.samples_per_prompt, "steps": cfg.steps,
+            "batch_size": results.batch_size(run.prompts_per_step, cfg.samples_per_prompt), "steps": cfg.steps,
             "base_score": summary["base"], "final_score": fin["pass@1"], "gain": fin["pass@1"] - summary["base"],
             "tokens": summary["tokens"][str(a)], "trainable_params": n_params,
             "optimizer_bytes": 8 * n_params,  # two fp32 AdamW moments
@@ -276,13 +271,7 @@ def write_results(out_dir) -> Path:
     """Collect every finished run's result.json into ``results.csv`` (one row per run)."""
     out_dir = Path(out_dir)
     rows = [json.loads(p.read_text()) for p in sorted((out_dir / "runs").glob("*/result.json"))]
-    path = out_dir / "results.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in RESULT_FIELDS})
-    return path
+    return results.write_csv(out_dir / "results.csv", rows)
 
 
 # Qwen3-8B's decoder shapes (36 layers; q/o 4096x4096, k/v 4096->1024, gate/up 4096->12288,

@@ -1,0 +1,31 @@
+"""Evaluation metrics over sampled completions: unbiased pass@k and avg@k."""
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples of which ``c`` are correct: ``1 - C(n-c, k) / C(n, k)``.
+
+    Computed as ``1 - prod_{i=n-c+1..n} (1 - k / i)`` (Chen et al. 2021), which never forms the
+    binomials (C(200, 100) ~ 9e58 overflows float arithmetic long before n gets large).
+    """
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def avg_at_k(scores: Sequence[float], k: int | None = None) -> float:
+    """avg@k: mean score of the first ``k`` samples of one problem (all of them if k is None).
+
+    Average the result over problems for a benchmark number, as for pass@k.
+    """
+    k = len(scores) if k is None else k
+    if not 1 <= k <= len(scores):
+        raise ValueError(f"avg_at_k needs 1 <= k <= len(scores)={len(scores)}, got k={k}")
+    return float(sum(float(s) for s in scores[:k]) / k)
