@@ -37,6 +37,7 @@ def test_memory_budget_limits_group():
     pytest.param({"grid": {"rank": [0]}}, "rank must be", id="rank0"),
     pytest.param({"fixed": {"loss_type": "x"}, "grid": {"rank": [1]}}, "loss_type", id="bad-fixed"),
     pytest.param({"grid": {"rank": [1]}, "runs": {}}, "unknown sweep section", id="section"),
+    pytest.param({"fixed": {"seed": 1}, "grid": {"rank": [1]}}, r"\[grid\] seed", id="fixed-seed-is-ambiguous"),
     pytest.param({"grid": {"rank": [1], "prompts_per_step": [100]}, "packing": {"max_rows_per_step": 10}},
                  "max_rows_per_step", id="too-many-rows"),
 ])

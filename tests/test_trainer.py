@@ -282,3 +282,34 @@ def test_stitched_micro_batch_logprobs_equal_the_whole_batch(tmp_path):
         for base in (False, True):
             whole = tr.token_logprobs(ro, torch.full_like(ro.adapter_ids, -1) if base else ro.adapter_ids)
             assert_close(tr._stitch(ro, chunks, base=base).double(), whole.double(), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("override, message", [
+    pytest.param("steps=abc", "TrainConfig.steps must be an int, got 'abc'", id="str-for-int"),
+    pytest.param("steps=true", "TrainConfig.steps must be an int", id="bool-for-int"),
+    pytest.param("temperature=hot", "TrainConfig.temperature must be a number", id="str-for-float"),
+    pytest.param("resume=1", "TrainConfig.resume must be true/false", id="int-for-bool"),
+    pytest.param("delta=[1]", "TrainConfig.delta must be a number or none", id="list-for-optional"),
+    pytest.param("prompts_per_step=[2]", "prompts_per_step has 1 entries for 3 adapters", id="per-adapter-length"),
+    pytest.param("adapters.0.lr=fast", "AdapterSpec.lr must be a number", id="adapter-field"),
+    pytest.param("adapters.9.lr=1", "adapters.<i>.<field>=value with i in 0..2", id="adapter-index"),
+])
+def test_every_bad_override_is_one_line_naming_the_fix(tmp_path, capsys, override, message):
+    from lora_engine.cli import main
+
+    p = tmp_path / "c.toml"
+    p.write_text("steps = 2\n" + "".join(f"[[adapters]]\nrank = {r}\n" for r in (1, 2, 4)))
+    assert main(["train", str(p), "--set", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_old_key_names_still_load_and_mean_the_same():
+    from lora_engine.rl.config import config_from_dict, upgrade_saved_config
+
+    old = config_from_dict({"seed": 3, "adapter_prompts_per_step": [2, 4], "adapters": [{"rank": 1}, {"rank": 2}]})
+    assert old.data_seed == 3 and old.prompts_per_adapter == (2, 4)
+    assert upgrade_saved_config({"seed": 3, "adapter_prompts_per_step": [], "prompts_per_step": 8}) == \
+        {"data_seed": 3, "prompts_per_step": 8}
+    with pytest.raises(ValueError, match="old name of 'data_seed'"):
+        config_from_dict({"seed": 1, "data_seed": 2, "adapters": [{"rank": 1}]})

@@ -11,6 +11,7 @@ import math
 import re
 from dataclasses import asdict, dataclass
 
+from lora_engine.checks import check_types
 from lora_engine.engine.methods import METHODS, TABLE
 
 SCALINGS = ("lora", "rslora")
@@ -62,6 +63,9 @@ class AdapterSpec:
     d_initial: float = 0.1
 
     def __post_init__(self):
+        if isinstance(self.layers, int) and not isinstance(self.layers, bool):
+            object.__setattr__(self, "layers", (self.layers,))
+        check_types(self)
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"AdapterSpec.rank must be an int >= 1, got {self.rank!r}: use rank=1 or more")
         if self.rank > 4096:

@@ -2,6 +2,7 @@
 
     model = "tiny"                 # or a local path to any HF causal LM (+ its tokenizer)
     task = "tiny"                  # the embedded arithmetic task, or "reasoning_gym:<dataset>"
+    data_seed = 0                  # the task's problem pool and held-out split
     steps = 40
     [[adapters]]
     rank = 1
@@ -18,8 +19,10 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from lora_engine.checks import check_types
 from lora_engine.engine.spec import AdapterSpec
 from lora_engine.kernels.policy_loss import LOSS_TYPES
+from lora_engine.rl.models import DTYPES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -30,86 +33,102 @@ else:  # pragma: no cover
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a GRPO run over several concurrent adapters needs. See examples/tiny.toml."""
+    """Everything a GRPO run over several concurrent adapters needs. See examples/tiny.toml.
 
-    adapters: tuple[AdapterSpec, ...] = ()
-    model: str = "tiny"
-    task: str = "tiny"
-    target_modules: str | tuple[str, ...] = "all-linear"
-    output_dir: str = "runs/tiny"
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "float32"
-    # rollouts
-    steps: int = 40
-    prompts_per_step: int = 8
-    # Optional per-adapter prompts per step (same order as adapters): lets one group hold
-    # adapters of different batch sizes, as the sweep runner packs them.
-    adapter_prompts_per_step: tuple[int, ...] = ()
-    samples_per_prompt: int = 8
-    max_new_tokens: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    # objective
-    loss_type: str = "dapo"
-    eps_low: float = 0.2
+    Every field's type is checked when the config is built; a bad value is a one-line
+    ``ValueError`` naming the fix.
+    """
+
+    # --- model ------------------------------------------------------------------------------
+    model: str = "tiny"                        # "tiny" (built in, CPU-sized) or a local Hugging Face folder
+    adapters: tuple[AdapterSpec, ...] = ()     # one [[adapters]] table per adapter (AdapterSpec fields)
+    target_modules: str | tuple[str, ...] = "all-linear"  # linear layers adapters may use
+    dtype: str = "float32"                     # float32 | bfloat16 | float16: base weights and activations
+    device: str = "auto"                       # "auto" (CUDA if present), "cpu", "cuda", "cuda:1", ...
+    # --- rollout ------------------------------------------------------------------------------
+    task: str = "tiny"                         # "tiny" or "reasoning_gym:<dataset>"
+    data_seed: int = 0                         # the task's data: its problem pool and held-out split
+    prompts_per_step: int | tuple[int, ...] = 8  # per adapter per step: one for all, or one per adapter
+    samples_per_prompt: int = 8                # G, the group size of the advantages
+    max_new_tokens: int = 8                    # the generation cap (also dr_grpo's length normaliser)
+    temperature: float = 1.0                   # sampling temperature (the log-probs use it too)
+    top_p: float = 1.0                         # nucleus sampling
+    # --- objective ----------------------------------------------------------------------------
+    loss_type: str = "dapo"                    # TRL's aggregations, per adapter: grpo | bnpo | dr_grpo | dapo
+    eps_low: float = 0.2                       # clip range [1 - eps_low, 1 + eps_high] of the ratio
     eps_high: float = 0.2
-    delta: float | None = None
-    beta: float = 0.0
-    scale_rewards: str = "std"
-    drop_zero_variance: bool = False
-    inner_updates: int = 1
-    # sequences per forward/backward (gradient accumulation); 0 = the whole rollout batch at once.
-    # Changes peak memory, not the update: every adapter's loss keeps its whole-batch normaliser.
-    micro_batch_size: int = 0
-    max_grad_norm: float = 1.0
-    # rewards (the task's correctness reward is always on)
-    format_weight: float = 0.0   # x boxed_format_reward (+bonus one box, -penalty none)
-    length_weight: float = 0.0   # coef of rewards.length_penalty (DAPO's soft overlong penalty)
-    # evaluation and checkpoints
-    eval_problems: int = 200
-    eval_every: int = 0
-    eval_samples: int = 0  # > 0: also sample this many completions per eval problem (avg@n, pass@k)
-    checkpoint_every: int = 10
-    resume: bool = True
-    progress: bool = True
+    delta: float | None = None                 # two-sided clipping: upper bound on the unclipped ratio
+    beta: float = 0.0                          # k3 KL coefficient to the base (the adapter off)
+    scale_rewards: str = "std"                 # "std" (GRPO) or "none" (Dr.GRPO) advantage scaling
+    drop_zero_variance: bool = False           # drop groups whose rewards are all equal
+    format_weight: float = 0.0                 # x boxed_format_reward (+bonus for one box, -penalty for none)
+    length_weight: float = 0.0                 # coef of rewards.length_penalty (DAPO's soft overlong penalty)
+    # --- optimisation -------------------------------------------------------------------------
+    steps: int = 40                            # training steps (rollout + update each)
+    inner_updates: int = 1                     # optimiser steps per rollout batch (> 1: PPO-style reuse)
+    micro_batch_size: int = 0                  # sequences per forward/backward; 0 = the whole batch at once
+    max_grad_norm: float = 1.0                 # per-adapter gradient clipping
+    # --- evaluation ---------------------------------------------------------------------------
+    eval_problems: int = 200                   # held-out problems, greedy pass@1 per adapter
+    eval_every: int = 0                        # steps between evaluations (0: start and end only)
+    eval_samples: int = 0                      # > 0: also sample this many per problem (avg@n, pass@n)
+    # --- checkpoints and output ---------------------------------------------------------------
+    output_dir: str = "runs/tiny"              # config, logs, summary and checkpoints land here
+    checkpoint_every: int = 10                 # steps between checkpoints (0: at the end only)
+    resume: bool = True                        # continue from output_dir's latest checkpoint
+    progress: bool = True                      # progress bars
 
     def __post_init__(self):
         if not self.adapters:
             raise ValueError("config has no adapters: add at least one [[adapters]] table with a rank")
+        if not isinstance(self.adapters, (tuple, list)):
+            raise ValueError("adapters must be a list of [[adapters]] tables, each with a rank")
         specs = tuple(a if isinstance(a, AdapterSpec) else _spec(a) for a in self.adapters)
         object.__setattr__(self, "adapters", specs)
-        object.__setattr__(self, "adapter_prompts_per_step", tuple(self.adapter_prompts_per_step))
-        if self.adapter_prompts_per_step and len(self.adapter_prompts_per_step) != len(specs):
-            raise ValueError(f"adapter_prompts_per_step has {len(self.adapter_prompts_per_step)} entries for "
-                             f"{len(specs)} adapters: give one per adapter or leave it empty")
-        if any(n < 1 for n in self.adapter_prompts_per_step):
-            raise ValueError("adapter_prompts_per_step entries must be >= 1")
-        if isinstance(self.target_modules, list):
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        for name in ("target_modules", "prompts_per_step"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        check_types(self)
+        pps = self.prompts_per_step
+        if isinstance(pps, tuple) and len(pps) != len(specs):
+            raise ValueError(f"prompts_per_step has {len(pps)} entries for {len(specs)} adapters: give one "
+                             "number for all adapters or one per adapter")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {tuple(LOSS_TYPES)}, got {self.loss_type!r}")
         if self.scale_rewards not in ("std", "none"):
             raise ValueError(f"scale_rewards must be 'std' or 'none' (Dr.GRPO), got {self.scale_rewards!r}")
-        for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "inner_updates"):
+        for name in ("steps", "samples_per_prompt", "max_new_tokens", "inner_updates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not isinstance(self.micro_batch_size, int) or self.micro_batch_size < 0:
-            raise ValueError(f"micro_batch_size must be an int >= 0 (0 = the whole batch at once), "
-                             f"got {self.micro_batch_size!r}")
+        if any(n < 1 for n in self.prompts_per_adapter):
+            raise ValueError(f"prompts_per_step must be >= 1, got {self.prompts_per_step}")
+        for name in ("micro_batch_size", "eval_problems", "eval_every", "eval_samples", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)}"
+                                 + (" (0 = the whole batch at once)" if name == "micro_batch_size" else ""))
         if self.samples_per_prompt < 2:
             raise ValueError("samples_per_prompt must be >= 2: group-normalised advantages need a group")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 for sampling, got {self.temperature}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+    @property
+    def prompts_per_adapter(self) -> tuple[int, ...]:
+        """Prompts per step of each adapter, in ``adapters`` order."""
+        pps = self.prompts_per_step
+        return pps if isinstance(pps, tuple) else (pps,) * len(self.adapters)
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["adapters"] = [a.to_dict() for a in self.adapters]
         return d
+
+
+# Keys older configs used, and what they are now.
+RENAMED = {"seed": "data_seed", "adapter_prompts_per_step": "prompts_per_step"}
 
 
 def _spec(d: dict) -> AdapterSpec:
@@ -144,18 +163,22 @@ def load_config(path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfi
 
 
 def config_from_dict(data: dict, overrides=()) -> TrainConfig:
-    data = dict(data)
+    """A ``TrainConfig`` from TOML-shaped data plus ``key=value`` overrides (``adapters.<i>.<field>=v``)."""
+    data = _renamed(dict(data))
     known = {f.name for f in fields(TrainConfig)}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key=value, e.g. steps=10")
         key, value = item.split("=", 1)
-        key = key.strip()
+        key = RENAMED.get(key.strip(), key.strip())
         if key.startswith("adapters."):
-            # adapters.<i>.<field>=value
-            _, idx, fname = key.split(".", 2)
-            data["adapters"] = [dict(a) for a in data.get("adapters", [])]
-            data["adapters"][int(idx)][fname] = _parse_value(value)
+            parts = key.split(".", 2)
+            adapters = [dict(a) for a in data.get("adapters", [])]
+            if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) >= len(adapters):
+                raise ValueError(f"override {item!r}: use adapters.<i>.<field>=value with i in "
+                                 f"0..{len(adapters) - 1}, e.g. adapters.0.lr=1e-3")
+            adapters[int(parts[1])][parts[2]] = _parse_value(value)
+            data["adapters"] = adapters
             continue
         if key not in known:
             raise ValueError(f"unknown config key {key!r}; known: {sorted(known)}")
@@ -165,6 +188,27 @@ def config_from_dict(data: dict, overrides=()) -> TrainConfig:
         raise ValueError(f"unknown config key(s) {sorted(unknown)}; known: {sorted(known)}")
     data["adapters"] = tuple(data.get("adapters", ()))
     return TrainConfig(**data)
+
+
+def _renamed(data: dict) -> dict:
+    for old, new in RENAMED.items():
+        if old in data:
+            if new in data:
+                raise ValueError(f"config sets both {old!r} and {new!r}: {old!r} is the old name of {new!r}; keep one")
+            data[new] = data.pop(old)
+    return data
+
+
+def upgrade_saved_config(d: dict) -> dict:
+    """A config dict saved before a rename (checkpoints' resume keys), in today's field names."""
+    d = dict(d)
+    if "adapter_prompts_per_step" in d:
+        per_adapter = d.pop("adapter_prompts_per_step")
+        if per_adapter:
+            d["prompts_per_step"] = list(per_adapter)
+    if "seed" in d and "data_seed" not in d:
+        d["data_seed"] = d.pop("seed")
+    return d
 
 
 def save_config(cfg: TrainConfig, path) -> None:

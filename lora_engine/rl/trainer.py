@@ -30,7 +30,7 @@ from lora_engine import ops
 from lora_engine.engine import methods
 from lora_engine.rl.advantages import group_advantages, make_group_ids
 from lora_engine.rl import checkpoints
-from lora_engine.rl.config import TrainConfig, save_config
+from lora_engine.rl.config import TrainConfig, save_config, upgrade_saved_config
 from lora_engine.rl.models import load_base
 from lora_engine.engine.model import MultiLoRAModel
 from lora_engine.engine.peft_format import load_adapter_weights, save_adapter
@@ -47,7 +47,7 @@ class GRPOTrainer:
         self.tokenizer = tokenizer
         self.engine = MultiLoRAModel(model, list(cfg.adapters), target_modules=cfg.target_modules)
         self.ids = self.engine.adapter_ids
-        self.task = task if task is not None else load_task(cfg.task, seed=cfg.seed)
+        self.task = task if task is not None else load_task(cfg.task, seed=cfg.data_seed)
         self.optimizers = {a: self._make_optimizer(a) for a in self.ids}
         self.step_idx = 0
         self.tokens = {a: 0 for a in self.ids}
@@ -67,9 +67,8 @@ class GRPOTrainer:
     def rollout(self, step: int):
         cfg = self.cfg
         problems, adapter_of, prompt_of = [], [], []
-        for k, a in enumerate(self.ids):
+        for a, n in zip(self.ids, cfg.prompts_per_adapter):
             g = torch.Generator().manual_seed(self._seed(a, step, 0))
-            n = cfg.adapter_prompts_per_step[k] if cfg.adapter_prompts_per_step else cfg.prompts_per_step
             for j, p in enumerate(self.task.sample_train(n, g)):
                 for _ in range(cfg.samples_per_prompt):
                     problems.append(p)
@@ -304,6 +303,7 @@ class GRPOTrainer:
             return False
         state = json.loads((ckpt / checkpoints.STATE_FILE).read_text())
         saved = state.get("config")
+        saved = upgrade_saved_config(saved) if saved is not None else None
         if saved is not None and saved != self._resume_key():
             changed = sorted(k for k in set(saved) | set(self._resume_key())
                              if saved.get(k) != self._resume_key().get(k))

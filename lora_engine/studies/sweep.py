@@ -6,10 +6,11 @@ table of lists, and optional ``[packing]`` limits:
     [fixed]
     model = "tiny"
     steps = 30
+    data_seed = 0                    # the task's problem pool and held-out split, shared by all runs
     [grid]
     rank = [1, 4, 16, 32]
     prompts_per_step = [4, 8]        # batch size = prompts_per_step x samples_per_prompt
-    seed = [0, 1, 2]
+    seed = [0, 1, 2]                 # each run's adapter seed: its init and its sampling
     lr = [2e-3]
     method = ["lora"]
     [packing]
@@ -22,6 +23,10 @@ method and prompts_per_step can share one base model and one batch: they are pac
 groups (largest footprint first, first fit) under the limits. A group is one ``GRPOTrainer``;
 each of its adapters is recorded as its own run. A killed sweep resumes: finished runs are
 read back from disk, and an interrupted group resumes from its last checkpoint.
+
+One meaning per name: ``seed`` is only the grid's adapter seed (``[fixed] seed`` is refused),
+and a run's batch size is its ``prompts_per_step`` (results.csv derives ``batch_size`` from it
+with ``results.batch_size``).
 """
 from __future__ import annotations
 
@@ -87,6 +92,10 @@ def spec_from_dict(data: dict) -> SweepSpec:
         raise ValueError("the grid needs a rank list, e.g. rank = [1, 4, 16]")
     if "adapters" in fixed:
         raise ValueError("[fixed] must not hold adapters: the grid defines them")
+    if "seed" in fixed:
+        # One meaning per name: in a sweep, seed is each run's adapter seed (init and sampling).
+        raise ValueError("[fixed] seed is ambiguous in a sweep: list adapter seeds in [grid] seed = [0, 1, 2]; "
+                         "the task's data seed is [fixed] data_seed")
     for k, v in grid.items():
         if not isinstance(v, list) or not v:
             raise ValueError(f"grid.{k} must be a non-empty list, got {v!r}")
@@ -178,7 +187,7 @@ def pack(spec: SweepSpec, module_dims: list[tuple[int, int]] | None = None) -> l
 def group_config(spec: SweepSpec, g: int, out_dir: Path) -> TrainConfig:
     runs = spec.groups[g]
     return config_from_dict({**spec.fixed, "adapters": [_adapter(r) for r in runs],
-                             "adapter_prompts_per_step": [r.prompts_per_step for r in runs],
+                             "prompts_per_step": [r.prompts_per_step for r in runs],
                              "output_dir": str(out_dir / "groups" / f"group_{g:03d}")})
 
 
