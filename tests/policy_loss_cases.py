@@ -6,6 +6,11 @@ import math
 import pytest
 import torch
 
+from lora_engine.kernels.policy_loss import policy_loss_naive, policy_loss_triton
+
+FNS = [pytest.param(policy_loss_naive, torch.float64, id="naive-fp64"),
+       pytest.param(policy_loss_triton, torch.float32, id="triton-fp32")]
+
 SHAPES = [
     # (B, L, A, pattern)
     pytest.param(11, 37, 3, "random", id="B11-L37-A3"),

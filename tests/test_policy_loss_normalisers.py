@@ -10,14 +10,10 @@ import torch
 
 from helpers import assert_close
 from lora_engine.kernels.policy_loss import (LOSS_TYPES, METRIC_NAMES, NORMALISER, NORMALISERS, SURROGATE,
-                                             SURROGATES, loss_normalisers, policy_loss_naive, policy_loss_triton)
-from policy_loss_cases import make_inputs
+                                             SURROGATES, loss_normalisers, policy_loss_naive)
+from policy_loss_cases import FNS, make_inputs
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-FNS = [pytest.param(policy_loss_naive, torch.float64, id="naive-fp64"),
-       pytest.param(policy_loss_triton, torch.float32, id="triton-fp32")]
-
-
 def test_tables_cover_every_loss_type():
     assert LOSS_TYPES == ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
     assert set(SURROGATE) == set(NORMALISER) == set(LOSS_TYPES)

@@ -74,7 +74,8 @@ def _policy_bwd(logp, old, ref, mask, adv, ids, rows, counts, g_losses, cfg):
         logp, old, ref if ref is not None else logp, mask, adv, ids, rows, counts, g_losses, dlogp,
         L, A, cfg["Lc"], cfg["lo"], cfg["hi"], cfg["cap"], cfg["delta"], cfg["beta"], cfg["t_pos"], cfg["t_neg"],
         NORM=cfg["norm"], SURROGATE=cfg["surrogate"], SEQ_LEVEL=cfg["seq"], HAS_DELTA=cfg["has_delta"],
-        HAS_KL=cfg["has_kl"], KL_CORR=cfg["kl_corr"], BLOCK_L=BLOCK_L, num_warps=4,
+        # the correction only changes the gradient through beta * kl: no extra variant at beta = 0
+        HAS_KL=cfg["has_kl"], KL_CORR=cfg["kl_corr"] and cfg["has_kl"], BLOCK_L=BLOCK_L, num_warps=4,
     )
     return dlogp
 
