@@ -1,7 +1,7 @@
 """Reference per-adapter policy loss (TRL 1.16's GRPO loss family) with k3 KL. The spec.
 
 For the sequences ``b`` of adapter ``a`` (``adapter_ids[b] == a``), exactly TRL's
-``GRPOTrainer._compute_loss`` (trl 1.16) on that subset, with ``lp = logp`` on masked tokens
+``GRPOTrainer._compute_loss`` (trl 1.16) on that subset, with ``lp = logp`` where mask != 0
 and 0 elsewhere (so garbage log-probs at padding cannot make a nan):
 
     log_ratio = logp - old_logp                            (0 on masked-out tokens)
@@ -12,7 +12,9 @@ and 0 elsewhere (so garbage log-probs at padding cannot make a nan):
       clip  (grpo, bnpo, dr_grpo, dapo, luspo)
               -min(r1 * A_b, r2 * A_b),  r2 = clamp(r, 1 - eps_low, 1 + eps_high),
                                          r1 = min(r, delta) (two-sided clipping) or r
-      cispo   -sg(min(r, eps_high)) * A_b * lp             eps_high is the cap itself (TRL: 5.0)
+      cispo   -sg(min(r, eps_high)) * A_b * lp             eps_high is the cap itself (TRL's
+                                                           epsilon_high: recommended 5.0, default
+                                                           epsilon = 0.2, as ours)
       sapo    -sigmoid(tau * (r - 1)) * 4 / tau * A_b,     tau = sapo_temperature_pos if A_b > 0
                                                                else sapo_temperature_neg
       vespo   -sg(phi_b) * A_b * lp,  phi_b = exp(lam + k log W - lam W) (nan/inf -> 0), with
@@ -56,7 +58,8 @@ from .loss_types import NORMALISER, SURROGATE, check_loss_type, loss_normalisers
 
 IMPORTANCE_LEVELS = ("token", "sequence")
 METRIC_NAMES = ("clip_frac_low", "clip_frac_high", "clip_frac", "kl_mean", "ratio_mean")
-# TRL's defaults (GRPOConfig 1.16) of the loss-type hyperparameters, keyword -> value.
+# The loss-type hyperparameters' defaults, keyword -> value: GRPOConfig 1.16's, except
+# kl_correction (TRL's use_bias_correction_kl defaults to True; plain k3 here, as before).
 LOSS_OPTION_DEFAULTS = dict(kl_correction=False, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
                             vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0)
 # VESPO clamps log W to [log 1e-8, 20] (TRL's get_gamma_weights) and lambda to >= 1e-4.
