@@ -1,5 +1,11 @@
-"""Clipped-surrogate policy loss (GRPO/DAPO/Dr.GRPO/BNPO/GSPO) + k3 KL, aggregated per adapter."""
-from .naive import IMPORTANCE_LEVELS, LOSS_TYPES, METRIC_NAMES, check_policy_loss_inputs, policy_loss_naive
+"""Per-adapter policy loss (TRL 1.16's GRPO loss types: grpo, bnpo, dr_grpo, dapo, cispo, sapo,
+luspo, vespo; token or sequence (GSPO) ratios) + k3 KL, plain or bias-corrected.
+
+``LOSS_TYPES`` and ``loss_normalisers`` are the one home of the loss-type list and of each
+type's per-adapter normaliser (the trainer rescales micro-batches with it)."""
+from .loss_types import LOSS_TYPES, NORMALISER, NORMALISERS, SURROGATE, SURROGATES, loss_normalisers
+from .naive import (IMPORTANCE_LEVELS, LOSS_OPTION_DEFAULTS, METRIC_NAMES, check_loss_options,
+                    check_policy_loss_inputs, policy_loss_naive)
 
 
 def policy_loss_triton(*args, **kwargs):
@@ -8,5 +14,6 @@ def policy_loss_triton(*args, **kwargs):
     return fn(*args, **kwargs)
 
 
-__all__ = ["IMPORTANCE_LEVELS", "LOSS_TYPES", "METRIC_NAMES", "check_policy_loss_inputs",
-           "policy_loss_naive", "policy_loss_triton"]
+__all__ = ["IMPORTANCE_LEVELS", "LOSS_OPTION_DEFAULTS", "LOSS_TYPES", "METRIC_NAMES", "NORMALISER",
+           "NORMALISERS", "SURROGATE", "SURROGATES", "check_loss_options", "check_policy_loss_inputs",
+           "loss_normalisers", "policy_loss_naive", "policy_loss_triton"]

@@ -1,43 +1,69 @@
-"""Reference clipped-surrogate policy loss with k3 KL, aggregated per adapter. The spec.
+"""Reference per-adapter policy loss (TRL 1.16's GRPO loss family) with k3 KL. The spec.
 
 For the sequences ``b`` of adapter ``a`` (``adapter_ids[b] == a``), exactly TRL's
-``GRPOTrainer._compute_loss`` (trl 1.16) on that subset:
+``GRPOTrainer._compute_loss`` (trl 1.16) on that subset, with ``lp = logp`` where mask != 0
+and 0 elsewhere (so garbage log-probs at padding cannot make a nan):
 
     log_ratio = logp - old_logp                            (0 on masked-out tokens)
     w         = log_ratio                                  importance_level="token"
               = sum_l(mask * log_ratio) / max(sum_l mask, 1)   "sequence" (GSPO), one per row
     r         = exp(w)
-    r2        = clamp(r, 1 - eps_low, 1 + eps_high)
-    r1        = min(r, delta) if delta is not None else r  (two-sided clipping)
-    loss_tok  = -min(r1 * A_b, r2 * A_b) + beta * kl,      kl = exp(ref - logp) - (ref - logp) - 1
-    grpo:    mean over the adapter's sequences of (sum_l mask * loss_tok) / max(sum_l mask, 1)
-    bnpo:    sum(mask * loss_tok) / max(sum mask, 1)
-    dr_grpo: sum(mask * loss_tok) / (num_sequences * max_completion_length)
-    dapo:    sum(mask * loss_tok) / max(sum mask, 1)       (TRL's token count over one process)
+    loss_tok, by the loss type's surrogate (``loss_types.SURROGATE``):
+      clip  (grpo, bnpo, dr_grpo, dapo, luspo)
+              -min(r1 * A_b, r2 * A_b),  r2 = clamp(r, 1 - eps_low, 1 + eps_high),
+                                         r1 = min(r, delta) (two-sided clipping) or r
+      cispo   -sg(min(r, eps_high)) * A_b * lp             eps_high is the cap itself (TRL's
+                                                           epsilon_high: recommended 5.0, default
+                                                           epsilon = 0.2, as ours)
+      sapo    -sigmoid(tau * (r - 1)) * 4 / tau * A_b,     tau = sapo_temperature_pos if A_b > 0
+                                                               else sapo_temperature_neg
+      vespo   -sg(phi_b) * A_b * lp,  phi_b = exp(lam + k log W - lam W) (nan/inf -> 0), with
+              log W = clamp(sum_l mask * clamp(log_ratio, -20, 20), log 1e-8, 20) (a sum, not a
+              mean, whatever importance_level), (k, lam) = (vespo_k_pos, vespo_lambda_pos) if
+              A_b >= 0 else the _neg pair, lam clamped to >= 1e-4
+    kl        = exp(ref - logp) - (ref - logp) - 1         (k3; 0 on masked-out tokens)
+              * r   with kl_correction (TRL's use_bias_correction_kl; r before the delta clamp)
+    loss_tok += beta * kl
 
-Each adapter is normalised over its own sequences and tokens only, so adding another adapter's
-sequences never changes adapter a's loss or gradient. dr_grpo's ``max_completion_length`` is a
-constant (TRL's config value, the generation cap), not the batch's padded width L: with L, the
-longest completion of *any* adapter in the batch would rescale every adapter's loss. Passing
-None falls back to L (only right when L is fixed, e.g. completions always padded to the cap).
-Masked-out tokens enter as log-ratio 0 (ratio 1, kl 0) rather than as ``inf * 0``: garbage
-log-probs at padding cannot make a nan.
+``sg`` is stop-gradient. The adapter's loss is its masked sum of ``loss_tok`` (grpo and sapo:
+of per-sequence means) over the normaliser ``loss_types.loss_normalisers`` gives: sequences
+(grpo, sapo, luspo), sequences * max_completion_length (dr_grpo) or tokens (bnpo, dapo,
+cispo, vespo). Each adapter is normalised over its own sequences and tokens only, so adding
+another adapter's sequences never changes adapter a's loss or gradient. dr_grpo's
+``max_completion_length`` is a constant (TRL's config value, the generation cap), not the
+batch's padded width L: with L, the longest completion of *any* adapter in the batch would
+rescale every adapter's loss. Passing None falls back to L (only right when L is fixed).
 
-Metrics (token means over the adapter's masked tokens, TRL's ``clip_ratio/*`` and ``kl``):
-``clip_frac_low`` = mean(r1 < 1 - eps_low and A < 0), ``clip_frac_high`` = mean(r1 > 1 + eps_high
-and A > 0), ``clip_frac`` = either, ``kl_mean`` = mean(kl) (0 without ``ref_logp``),
-``ratio_mean`` = mean(r). At sequence level TRL averages the clip flags over sequences; here
-every token carries its sequence's flag, so sequences weigh by their token count.
+TRL parity: TRL 1.16's ``GRPOConfig.use_bias_correction_kl`` defaults to True, so parity
+with a default TRL config needs ``kl_correction=True``; ``kl_correction=False`` (our default)
+is plain k3, TRL with ``use_bias_correction_kl=False``. TRL's importance sampling against
+vLLM's sampler, entropy mask and off-policy mask are not part of this loss.
+
+Metrics (token means over the adapter's masked tokens): ``clip_frac_low`` = mean(r1 < 1 -
+eps_low and A < 0), ``clip_frac_high`` = mean(r1 > 1 + eps_high and A > 0), ``clip_frac`` =
+either (TRL's ``clip_ratio/*``; for cispo ``clip_frac_high`` = ``clip_frac`` = mean(r >
+eps_high and A > 0), TRL's ``cispo_clip_ratio``, and ``clip_frac_low`` = 0; sapo and vespo
+clip nothing: 0), ``kl_mean`` = mean(kl) (corrected with ``kl_correction``; 0 without
+``ref_logp``), ``ratio_mean`` = mean(r). At sequence level TRL averages the clip flags over
+sequences; here every token carries its sequence's flag, so sequences weigh by their tokens.
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
-LOSS_TYPES = {"grpo": 0, "bnpo": 1, "dr_grpo": 2, "dapo": 3}
+from .loss_types import NORMALISER, SURROGATE, check_loss_type, loss_normalisers
+
 IMPORTANCE_LEVELS = ("token", "sequence")
 METRIC_NAMES = ("clip_frac_low", "clip_frac_high", "clip_frac", "kl_mean", "ratio_mean")
+# The loss-type hyperparameters' defaults, keyword -> value: GRPOConfig 1.16's, except
+# kl_correction (TRL's use_bias_correction_kl defaults to True; plain k3 here, as before).
+LOSS_OPTION_DEFAULTS = dict(kl_correction=False, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
+                            vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0)
+# VESPO clamps log W to [log 1e-8, 20] (TRL's get_gamma_weights) and lambda to >= 1e-4.
+VESPO_LOG_W_MIN, VESPO_LOG_W_MAX, VESPO_LAMBDA_MIN = math.log(1e-8), 20.0, 1e-4
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -76,8 +102,7 @@ def check_policy_loss_inputs(logp, old_logp, advantages, mask, adapter_ids, ref_
     tensors = [old_logp, advantages, mask, adapter_ids] + ([ref_logp] if ref_logp is not None else [])
     if any(t.device != logp.device for t in tensors):
         raise ValueError("all policy-loss inputs must be on logp's device; move them with .to(logp.device)")
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; use one of {sorted(LOSS_TYPES)}")
+    check_loss_type(loss_type)
     if importance_level not in IMPORTANCE_LEVELS:
         raise ValueError(f"unknown importance_level {importance_level!r}; use 'token' or 'sequence' (GSPO)")
     if not (eps_low >= 0 and eps_high >= 0):
@@ -108,85 +133,115 @@ def check_policy_loss_inputs(logp, old_logp, advantages, mask, adapter_ids, ref_
     return B, L, A, Lc
 
 
+def check_loss_options(kl_correction=False, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
+                       vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0) -> dict:
+    """Validate the loss-type hyperparameters (TRL's GRPOConfig names); return them as floats."""
+    if not isinstance(kl_correction, bool):
+        raise ValueError(f"kl_correction must be True (TRL's use_bias_correction_kl, its default: k3 "
+                         f"times the importance ratio) or False (plain k3), got {kl_correction!r}")
+    out = dict(kl_correction=kl_correction)
+    for name, v in (("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg),
+                    ("vespo_k_pos", vespo_k_pos), ("vespo_lambda_pos", vespo_lambda_pos),
+                    ("vespo_k_neg", vespo_k_neg), ("vespo_lambda_neg", vespo_lambda_neg)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}; TRL's default is "
+                             f"{LOSS_OPTION_DEFAULTS[name]}")
+        if name.startswith("sapo") and not v > 0:
+            raise ValueError(f"{name} must be > 0 (sapo divides by it), got {v}; TRL's default is "
+                             f"{LOSS_OPTION_DEFAULTS[name]}")
+        out[name] = float(v)
+    return out
+
+
+def _surrogate(kind, r, adv, lp, log_ratio, m, lo, hi, delta, eps_high, opt):
+    """(loss_tok, clipped-low flags, clipped-high flags) of one adapter's rows; see the module doc."""
+    none = torch.zeros_like(r, dtype=torch.bool)
+    if kind == "clip":
+        r2 = torch.clamp(r, lo, hi)
+        r1 = torch.clamp(r, max=delta) if delta is not None else r
+        return -torch.min(r1 * adv, r2 * adv), (r1 < lo) & (adv < 0), (r1 > hi) & (adv > 0)
+    if kind == "cispo":
+        return -torch.clamp(r, max=eps_high).detach() * adv * lp, none, (r > eps_high) & (adv > 0)
+    if kind == "sapo":
+        # new_tensor: torch.where of two Python floats would round them to fp32 (1.05 -> 1.0499999523)
+        tau = torch.where(adv > 0, adv.new_tensor(opt["sapo_temperature_pos"]),
+                          adv.new_tensor(opt["sapo_temperature_neg"]))
+        return -torch.sigmoid(tau * (r - 1)) * 4 / tau * adv, none, none
+    with torch.no_grad():  # vespo: phi only scales the gradient
+        lr_c = torch.clamp(log_ratio, -20.0, 20.0)
+        log_w = torch.clamp((lr_c * m).sum(-1, keepdim=True), VESPO_LOG_W_MIN, VESPO_LOG_W_MAX)
+        nonneg = adv >= 0
+        k = torch.where(nonneg, adv.new_tensor(opt["vespo_k_pos"]), adv.new_tensor(opt["vespo_k_neg"]))
+        lam = torch.where(nonneg, adv.new_tensor(opt["vespo_lambda_pos"]),
+                          adv.new_tensor(opt["vespo_lambda_neg"])).clamp(min=VESPO_LAMBDA_MIN)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    return -phi * adv * lp, none, none
+
+
 def policy_loss_naive(logp, old_logp, advantages, mask, adapter_ids, ref_logp=None,
                       loss_type="dapo", eps_low=0.2, eps_high=0.2, delta=None, beta=0.0,
-                      importance_level="token", num_adapters=None, max_completion_length=None):
-    """Clipped surrogate + k3 KL per adapter, in plain PyTorch (fp32; fp64 for fp64 ``logp``).
+                      importance_level="token", num_adapters=None, max_completion_length=None,
+                      kl_correction=False, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
+                      vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0):
+    """Per-adapter policy loss + k3 KL in plain PyTorch (fp32; fp64 for fp64 ``logp``).
 
-    Args:
-        logp: [B, L] float, current-policy per-token log-probs (the only differentiable input).
-        old_logp: [B, L] float, behaviour-policy log-probs (constant).
-        advantages: [B] float, one per sequence (constant).
-        mask: [B, L] bool/int/float completion mask (float values act as token weights).
-        adapter_ids: [B] int in [0, num_adapters).
-        ref_logp: [B, L] float reference log-probs, or None (then beta must be 0).
-        loss_type: "grpo" | "bnpo" | "dr_grpo" | "dapo" (TRL's definitions, per adapter).
-        eps_low, eps_high: clip range [1 - eps_low, 1 + eps_high].
-        delta: upper bound on the unclipped ratio (two-sided clipping), or None.
-        beta: KL coefficient.
-        importance_level: "token" or "sequence" (GSPO).
-        num_adapters: A; None means ``adapter_ids.max() + 1``.
-        max_completion_length: int >= L, dr_grpo's length normaliser (TRL's
-            ``max_completion_length``): pass your generation cap. None means the padded width
-            L, which makes dr_grpo depend on the batch's longest completion (another adapter's
-            included). Other loss types ignore it (beyond validation).
+    Args: as ``policy_loss_triton`` (the module docstring gives every formula).
 
     Returns:
         ``(losses [A], metrics)``: fp32 (fp64 for fp64 ``logp``); metrics maps each of
         ``METRIC_NAMES`` to an [A] tensor. An adapter without tokens has loss 0 and metrics 0.
 
     Raises:
-        ValueError: as ``policy_loss_triton``; also ``max_completion_length`` not an int >= 1
-            or smaller than L.
+        ValueError: as ``policy_loss_triton``.
     """
     B, L, A, Lc = check_policy_loss_inputs(logp, old_logp, advantages, mask, adapter_ids, ref_logp,
                                            loss_type, eps_low, eps_high, delta, beta,
                                            importance_level, num_adapters, triton=False,
                                            max_completion_length=max_completion_length)
+    opt = check_loss_options(kl_correction, sapo_temperature_pos, sapo_temperature_neg,
+                             vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
     ct = torch.float64 if logp.dtype == torch.float64 else torch.float32
     lp_all, old_all = logp.to(ct), old_logp.to(ct)
     m_all, adv_all = mask.to(ct), advantages.to(ct)
     ref_all = ref_logp.to(ct) if ref_logp is not None else None
     lo, hi = 1.0 - eps_low, 1.0 + eps_high
+    kind, row_mean = SURROGATE[loss_type], NORMALISER[loss_type] == "sequence_mean"
+    loss_den, tok_den = loss_normalisers(adapter_ids, mask, A, loss_type, Lc, dtype=ct)
 
     losses = []
     metrics = {k: [] for k in METRIC_NAMES}
     for a in range(A):
         sel = adapter_ids == a
-        lp, old, m = lp_all[sel], old_all[sel], m_all[sel]
+        m = m_all[sel]
         adv = adv_all[sel].unsqueeze(1)
         on = m != 0
-        log_ratio = torch.where(on, lp - old, torch.zeros_like(lp))
+        lp = torch.where(on, lp_all[sel], torch.zeros_like(m))
+        log_ratio = torch.where(on, lp_all[sel] - old_all[sel], torch.zeros_like(m))
         if importance_level == "sequence":
             log_w = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
         else:
             log_w = log_ratio
-        coef_1 = torch.exp(log_w)
-        ratio = coef_1
-        coef_2 = torch.clamp(coef_1, lo, hi)
-        if delta is not None:
-            coef_1 = torch.clamp(coef_1, max=delta)
-        per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
-        kl = torch.zeros_like(lp)
+        ratio = torch.exp(log_w)
+        per_token_loss, is_low, is_high = _surrogate(kind, ratio, adv, lp, log_ratio, m, lo, hi, delta,
+                                                     eps_high, opt)
+        kl = torch.zeros_like(m)
         if ref_all is not None:
-            diff = torch.where(on, ref_all[sel] - lp, torch.zeros_like(lp))
+            diff = torch.where(on, ref_all[sel] - lp_all[sel], torch.zeros_like(m))
             kl = torch.exp(diff) - diff - 1
+            if opt["kl_correction"]:
+                kl = kl * ratio
             if beta != 0:
                 per_token_loss = per_token_loss + beta * kl
 
         masked = per_token_loss * m
-        n_seq = lp.shape[0]
-        n_tok = m.sum().clamp(min=1.0)
-        if loss_type == "grpo":
-            loss = (masked.sum(-1) / m.sum(-1).clamp(min=1.0)).sum() / max(n_seq, 1)
-        elif loss_type == "dr_grpo":
-            loss = masked.sum() / max(n_seq * Lc, 1)
+        if row_mean:
+            num = (masked.sum(-1) / m.sum(-1).clamp(min=1.0)).sum()
         else:
-            loss = masked.sum() / n_tok
-        losses.append(loss)
+            num = masked.sum()
+        losses.append(num / loss_den[a])
 
-        is_low = ((coef_1 < lo) & (adv < 0)).to(ct).expand_as(m)
-        is_high = ((coef_1 > hi) & (adv > 0)).to(ct).expand_as(m)
+        n_tok = tok_den[a]
+        is_low, is_high = is_low.to(ct).expand_as(m), is_high.to(ct).expand_as(m)
         metrics["clip_frac_low"].append((is_low * m).sum() / n_tok)
         metrics["clip_frac_high"].append((is_high * m).sum() / n_tok)
         metrics["clip_frac"].append((torch.maximum(is_low, is_high) * m).sum() / n_tok)
