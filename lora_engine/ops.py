@@ -84,14 +84,20 @@ def masked_token_logprobs(hidden, lm_head_weight, targets, mask, temperature=1.0
 
 def policy_loss(logp, old_logp, advantages, mask, adapter_ids, ref_logp=None,
                 loss_type="dapo", eps_low=0.2, eps_high=0.2, delta=None, beta=0.0,
-                importance_level="token", num_adapters=None, max_completion_length=None):
-    """Clipped surrogate + k3 KL, aggregated per adapter. Returns (losses [A], metrics dict).
+                importance_level="token", num_adapters=None, max_completion_length=None,
+                kl_correction=False, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
+                vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0):
+    """Per-adapter policy loss (TRL 1.16's loss types) + KL. Returns (losses [A], metrics dict).
 
+    ``loss_type``: one of ``lora_engine.kernels.policy_loss.LOSS_TYPES`` (grpo, bnpo, dr_grpo,
+    dapo, cispo, sapo, luspo, vespo), each normalised over the adapter's own tokens/sequences.
     ``max_completion_length``: dr_grpo divides each adapter's summed loss by
     ``num_sequences_a * max_completion_length`` (TRL's definition); pass your generation cap
     (e.g. ``max_new_tokens``). Defaulting to the padded width L makes dr_grpo depend on the
-    batch's longest completion, i.e. on other adapters. Must be >= L. See
-    ``lora_engine.kernels.policy_loss.policy_loss_triton`` for the other arguments.
+    batch's longest completion, i.e. on other adapters. Must be >= L. ``kl_correction``: TRL's
+    ``use_bias_correction_kl`` (k3 times the importance ratio; TRL's default), else plain k3.
+    ``sapo_*``/``vespo_*``: TRL's GRPOConfig fields of those loss types. See
+    ``lora_engine.kernels.policy_loss.naive`` for every formula and the other arguments.
     """
     from lora_engine.kernels import policy_loss as pl
 
@@ -99,7 +105,10 @@ def policy_loss(logp, old_logp, advantages, mask, adapter_ids, ref_logp=None,
     return fn(logp, old_logp, advantages, mask, adapter_ids, ref_logp=ref_logp,
               loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, delta=delta,
               beta=beta, importance_level=importance_level, num_adapters=num_adapters,
-              max_completion_length=max_completion_length)
+              max_completion_length=max_completion_length, kl_correction=kl_correction,
+              sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+              vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+              vespo_lambda_neg=vespo_lambda_neg)
 
 
 # --- fused: hidden states -> policy loss -------------------------------------------------
@@ -107,7 +116,8 @@ def policy_loss(logp, old_logp, advantages, mask, adapter_ids, ref_logp=None,
 def fused_policy_loss_from_hidden(hidden, lm_head_weight, targets, old_logp, advantages, mask,
                                   adapter_ids, ref_logp=None, loss_type="dapo", eps_low=0.2,
                                   eps_high=0.2, delta=None, beta=0.0, importance_level="token",
-                                  num_adapters=None, max_completion_length=None, temperature=1.0):
+                                  num_adapters=None, max_completion_length=None, temperature=1.0,
+                                  **loss_options):
     """Per-adapter policy loss straight from the final hidden states, no logits stored.
 
     ``token_logprobs`` then ``policy_loss``. On the Triton path the forward keeps two fp32
@@ -125,6 +135,7 @@ def fused_policy_loss_from_hidden(hidden, lm_head_weight, targets, old_logp, adv
         beta, importance_level, num_adapters, max_completion_length: as in ``policy_loss``
         ([B, L] / [B]); pass ``max_completion_length`` (the generation cap) with dr_grpo.
         temperature: float > 0 dividing the logits (the sampling temperature).
+        loss_options: ``policy_loss``'s ``kl_correction``, ``sapo_*`` and ``vespo_*``.
 
     Returns:
         ``(losses [A] fp32, metrics)`` as ``policy_loss``; ``losses.sum().backward()`` fills
@@ -142,4 +153,4 @@ def fused_policy_loss_from_hidden(hidden, lm_head_weight, targets, old_logp, adv
     return policy_loss(logp, old_logp, advantages, mask, adapter_ids, ref_logp=ref_logp,
                        loss_type=loss_type, eps_low=eps_low, eps_high=eps_high, delta=delta,
                        beta=beta, importance_level=importance_level, num_adapters=num_adapters,
-                       max_completion_length=max_completion_length)
+                       max_completion_length=max_completion_length, **loss_options)

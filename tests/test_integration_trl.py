@@ -97,7 +97,12 @@ def _trl_loss_fp64(trainer, inputs):
         return trl.GRPOTrainer._compute_loss(trainer, model64, inputs64).detach()
 
 
-CASES = [pytest.param(lt, {}, id=lt) for lt in ("grpo", "bnpo", "dr_grpo", "dapo")] + [
+CASES = [pytest.param(lt, {}, id=lt) for lt in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")] + [
+    pytest.param("vespo", dict(beta=0.04), id="vespo-kl-biascorr"),
+    pytest.param("cispo", dict(epsilon_high=5.0, gradient_accumulation_steps=2), id="cispo-cap5-accum2"),
+    pytest.param("sapo", dict(importance_sampling_level="sequence", beta=0.04, use_bias_correction_kl=False),
+                 id="sapo-sequence-kl"),
+    pytest.param("luspo", dict(importance_sampling_level="sequence", delta=1.5), id="luspo-sequence-delta"),
     pytest.param("dapo", dict(beta=0.04, delta=1.5, epsilon_high=0.28), id="dapo-kl-biascorr-delta"),
     pytest.param("grpo", dict(beta=0.04, use_bias_correction_kl=False), id="grpo-kl"),
     pytest.param("dr_grpo", dict(beta=0.04, gradient_accumulation_steps=2), id="dr_grpo-kl-accum2"),
@@ -133,8 +138,10 @@ def test_loss_and_grads_match_trl(tmp_path, loss_type, config):
                  torch.float32, "adapter grads")
     assert any(float(g.abs().max()) > 0 for g in g_ours)
     keys = ["entropy"] + (["kl"] if config.get("beta") else [])
-    if config.get("importance_sampling_level", "token") == "token":
+    if config.get("importance_sampling_level", "token") == "token" and loss_type not in ("cispo", "sapo", "vespo"):
         keys += ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
+    if loss_type == "cispo":
+        keys += ["cispo_clip_ratio"]
     for k in keys:
         assert abs(m_ours[k] - m_theirs[k]) <= 1e-5 * max(1.0, abs(m_theirs[k])), k
 
@@ -203,7 +210,7 @@ def test_two_step_training_run_and_peft_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("config,needle", [
-    pytest.param(dict(loss_type="cispo"), "loss_type", id="cispo"),
+    pytest.param(dict(loss_type="ppo"), "loss_type", id="unknown-loss-type"),
     pytest.param(dict(top_entropy_quantile=0.5), "top_entropy_quantile", id="entropy-mask"),
     pytest.param(dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold", id="off-policy-mask"),
     pytest.param(dict(entropy_coef=0.01), "entropy", id="entropy-bonus"),

@@ -6,6 +6,8 @@ import torch
 import transformers
 
 from helpers import assert_close
+from lora_engine import ops
+from lora_engine.rl.advantages import group_advantages
 from lora_engine.rl.config import config_from_dict, load_config
 from lora_engine.rl.tiny_model import build_tokenizer
 from lora_engine.rl.trainer import GRPOTrainer
@@ -313,3 +315,30 @@ def test_old_key_names_still_load_and_mean_the_same():
         {"data_seed": 3, "prompts_per_step": 8}
     with pytest.raises(ValueError, match="old name of 'data_seed'"):
         config_from_dict({"seed": 1, "data_seed": 2, "adapters": [{"rank": 1}]})
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "sapo", "dapo"])
+def test_dropped_groups_leave_every_normaliser(tmp_path, loss_type):
+    """drop_zero_variance: a group whose rewards are all equal is gone from the batch, so the
+    update equals the loss over the kept sequences alone (grpo's mean over sequences included)."""
+    kw = dict(adapters=ADAPTERS[:1], loss_type=loss_type, drop_zero_variance=True, beta=0.0, inner_updates=1,
+              samples_per_prompt=4, prompts_per_step=2)
+    tr, twin = _trainer(tmp_path / "a", **kw), _trainer(tmp_path / "b", **kw)  # the twin computes the reference
+    _, prompt_of, ro = tr.rollout(0)
+    # Group 0 (prompt 0): equal rewards, dropped; group 1: varied rewards, kept.
+    reward = torch.tensor([1.0 if j == 0 else float(k % 2) for k, j in enumerate(prompt_of)])
+    tr.rollout = lambda step: (None, prompt_of, ro)
+    tr.rewards = lambda problems, r: (reward, reward)
+    grads = _capture_grads(tr)
+    tr.step(0)
+    kept = torch.tensor([j == 1 for j in prompt_of])
+    adv, _, _ = group_advantages(reward[kept], torch.zeros(int(kept.sum()), dtype=torch.long))
+    sub = twin._select(ro, kept.nonzero().squeeze(1))
+    logp = twin.token_logprobs(sub, sub.adapter_ids)
+    losses, _ = ops.policy_loss(logp, logp.detach(), adv, sub.completion_mask.float(), sub.adapter_ids,
+                                loss_type=loss_type, num_adapters=1, max_completion_length=5)
+    losses.sum().backward()
+    want = [p.grad for p in twin.engine.adapter_parameters(0)]
+    assert any(float(g.abs().sum()) > 0 for g in want)
+    for j, (got, w) in enumerate(zip(grads[0][0], want)):
+        assert_close(got, w, torch.float32, f"tensor {j}")

@@ -17,15 +17,16 @@ term (``beta > 0``) is the same model with the adapter switched off: no second c
 
 ``LoraEngineGRPOTrainer`` is a subclass of ``trl.GRPOTrainer`` (trl 1.16) that overrides only
 ``_compute_loss``: the final hidden states of the completion tokens go through
-``le.ops.token_logprobs`` (no [B, C, V] logits on a GPU) and ``le.ops.policy_loss``, scaled to
-TRL's normalisation of each ``loss_type`` exactly (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``;
-token or sequence importance sampling, two-sided ``delta``, k3 KL). Features of TRL's loss that
-the fused path does not implement raise ``ValueError`` at construction (other loss types, the
-entropy mask or bonus, the off-policy mask, vLLM, MoE aux loss). TRL's default KL bias
-correction (``use_bias_correction_kl``: the k3 term times the importance ratio) is applied. Logged
-metrics: ``kl``, ``entropy`` and ``clip_ratio/{low,high,region}_mean`` as TRL logs them
-(``clip_ratio/low_min`` and ``high_max`` are not logged; at sequence level the clip ratios weigh
-sequences by their token counts).
+``le.ops.masked_token_logprobs`` (no [B, C, V] logits on a GPU) and ``le.ops.policy_loss``,
+scaled to TRL's normalisation of each ``loss_type`` exactly (all eight of TRL 1.16: grpo, bnpo,
+dr_grpo, dapo, cispo, sapo, luspo, vespo; token or sequence importance sampling, two-sided
+``delta``, k3 KL with or without TRL's ``use_bias_correction_kl``, its default). Features of
+TRL's loss that the fused path does not implement raise ``ValueError`` at construction (the
+entropy mask or bonus, the off-policy mask, vLLM, MoE aux loss). Logged metrics: ``kl``,
+``entropy``, ``clip_ratio/{low,high,region}_mean`` for the clipped types and
+``cispo_clip_ratio`` as TRL logs them (``clip_ratio/low_min``/``high_max`` and
+``vespo/phi_seq_mean`` are not logged; at sequence level the clip ratios weigh sequences by
+their token counts).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from lora_engine.engine.spec import AdapterSpec
 from lora_engine.engine.layers import MultiLoRALinear, RoutingState
 from lora_engine.engine.model import MultiLoRAModel
 from lora_engine.engine.routing import build_routing
-from lora_engine.kernels.policy_loss import LOSS_TYPES
+from lora_engine.kernels.policy_loss import LOSS_TYPES, SURROGATE, loss_normalisers
 
 try:
     from trl import GRPOTrainer
@@ -184,31 +185,6 @@ def check_model(model: nn.Module) -> None:
         raise ValueError("MoE router aux loss is not supported by the fused path; set output_router_logits=False")
 
 
-def corrected_kl(logp, old_logp, ref_logp, mask, importance_level: str) -> torch.Tensor:
-    """k3 KL to the reference times the importance weight (TRL's ``use_bias_correction_kl``).
-
-    All [B, C] fp32; the weight is per token or, at ``"sequence"`` level, the exp of the mean
-    masked log-ratio of the row. Masked-out tokens hold 0 (no ``inf * 0`` from padding).
-    """
-    on = mask != 0
-    m = mask.to(logp.dtype)
-    log_ratio = torch.where(on, logp - old_logp, torch.zeros_like(logp))
-    if importance_level == "sequence":
-        log_ratio = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
-    diff = torch.where(on, ref_logp - logp, torch.zeros_like(logp))
-    return (torch.exp(diff) - diff - 1) * torch.exp(log_ratio)
-
-
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Tensor:
-    """One adapter's ``ops.policy_loss`` aggregation of a [B, C] per-token loss (a scalar)."""
-    m = mask.to(per_token.dtype)
-    if loss_type == "grpo":
-        return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
-    if loss_type == "dr_grpo":
-        return (per_token * m).sum() / max(per_token.numel(), 1)
-    return (per_token * m).sum() / m.sum().clamp(min=1.0)
-
-
 class LoraEngineGRPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` whose loss runs on lora-engine's fused ops. Same arguments as TRL's.
 
@@ -273,51 +249,49 @@ class LoraEngineGRPOTrainer(GRPOTrainer):
                         logits_to_keep=1, use_cache=False)
         hidden = out.hidden_states[-1][:, -C - 1:-1, :]                    # [B, C, d] predicts completion
         head = self.accelerator.unwrap_model(model).get_output_embeddings().weight.detach()
-        keep = (mask != 0).reshape(-1).nonzero().squeeze(1)
-        logp_kept, ent_kept = ops.token_logprobs(hidden.reshape(B * C, -1).index_select(0, keep).to(head.dtype),
-                                                 head, completion_ids.reshape(-1).index_select(0, keep),
-                                                 temperature=self.temperature, return_entropy=True)
-        logp = logp_kept.new_zeros(B * C).index_put((keep,), logp_kept).view(B, C)
-        entropy = logp_kept.new_zeros(B * C).index_put((keep,), ent_kept.detach()).view(B, C)
+        logp, entropy = ops.masked_token_logprobs(hidden.to(head.dtype), head, completion_ids, mask,
+                                                  temperature=self.temperature, return_entropy=True)
+        entropy = entropy.detach()
 
         old = inputs.get("old_per_token_logps")
         old = logp.detach() if old is None else old
         ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
-        # The bias-corrected KL multiplies k3 by the ratio, a term ops.policy_loss does not have:
-        # it is added here, aggregated the same way (aggregation is linear in the per-token loss).
-        corrected = ref is not None and self.args.use_bias_correction_kl
+        args = self.args
         losses, metrics = ops.policy_loss(
             logp, old, advantages.float(), mask, torch.zeros(B, dtype=torch.long, device=logp.device),
-            ref_logp=None if corrected else ref, loss_type=self.loss_type, eps_low=self.epsilon_low,
-            eps_high=self.epsilon_high, delta=self.args.delta, beta=0.0 if corrected else self.beta,
-            importance_level=self.importance_sampling_level, num_adapters=1)
-        loss = losses[0]
-        if corrected:
-            kl = corrected_kl(logp, old, ref, mask, self.importance_sampling_level)
-            loss = loss + self.beta * aggregate(kl, mask, self.loss_type)
-            metrics["kl_mean"] = ((kl.detach() * mask).sum() / mask.sum().clamp(min=1.0)).reshape(1)
+            ref_logp=ref, loss_type=self.loss_type, eps_low=self.epsilon_low, eps_high=self.epsilon_high,
+            delta=args.delta, beta=self.beta, importance_level=self.importance_sampling_level, num_adapters=1,
+            max_completion_length=max(self.max_completion_length, C), kl_correction=bool(args.use_bias_correction_kl),
+            sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg,
+            vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos, vespo_k_neg=args.vespo_k_neg,
+            vespo_lambda_neg=args.vespo_lambda_neg)
         mode = "train" if self.model.training else "eval"
-        loss = loss * self._trl_scale(mask, inputs, C, mode)
+        loss = losses[0] * self._trl_scale(mask, inputs, mode, C)
         self._log_loss_metrics(mode, metrics, entropy, mask)
         return loss
 
-    def _trl_scale(self, mask, inputs, C: int, mode: str) -> float | torch.Tensor:
+    def _trl_scale(self, mask, inputs, mode: str, C: int) -> float | torch.Tensor:
         """Factor from ``ops.policy_loss``'s per-adapter normalisation to TRL's for this micro-batch.
 
-        ops: grpo/bnpo as TRL; dr_grpo divides by B * C (C = this batch's longest completion);
-        dapo by this micro-batch's token count. TRL: grpo/bnpo/dr_grpo divide by the gradient
-        accumulation steps in training, dr_grpo by B * max_completion_length, and dapo by
-        ``num_items_in_batch / num_processes * accumulation / steps_per_generation``.
+        ops divides by ``loss_normalisers`` (the loss type's count over this micro-batch), which
+        is TRL's own divisor for grpo, bnpo, dr_grpo, sapo and luspo, then divided by the gradient
+        accumulation steps in training. TRL divides dapo, cispo and vespo by the generation
+        batch's token count instead: ``num_items_in_batch / num_processes * accumulation /
+        steps_per_generation`` in training, ``num_items_in_batch / num_processes`` in eval. A
+        batch wider than ``max_completion_length`` (C columns) gave dr_grpo C as its length: TRL
+        still divides by max_completion_length.
         """
         accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        if self.loss_type in ("grpo", "bnpo"):
-            return 1.0 / accum
         if self.loss_type == "dr_grpo":
-            return C / self.max_completion_length / accum
+            return max(self.max_completion_length, C) / self.max_completion_length / accum
+        if self.loss_type not in ("dapo", "cispo", "vespo"):
+            return 1.0 / accum
+        ours = loss_normalisers(torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device), mask, 1,
+                                self.loss_type)[0][0]
         normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
         if mode == "train":
             normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-        return mask.sum().clamp(min=1.0).to(normalizer.dtype) / normalizer
+        return ours.to(normalizer.dtype) / normalizer
 
     def _log_loss_metrics(self, mode: str, metrics: dict, entropy: torch.Tensor, mask: torch.Tensor) -> None:
         """TRL's token-weighted global means: sum and count reduced over processes."""
@@ -330,9 +304,12 @@ class LoraEngineGRPOTrainer(GRPOTrainer):
         if self.beta != 0.0:
             self._metrics[mode]["kl"].append(global_mean(metrics["kl_mean"][0]))
         self._metrics[mode]["entropy"].append(global_mean((entropy * mask).sum() / count.clamp(min=1.0)))
-        for ours, theirs in (("clip_frac_low", "low_mean"), ("clip_frac_high", "high_mean"),
-                             ("clip_frac", "region_mean")):
-            self._metrics[mode][f"clip_ratio/{theirs}"].append(global_mean(metrics[ours][0]))
+        if SURROGATE[self.loss_type] == "clip":
+            for ours, theirs in (("clip_frac_low", "low_mean"), ("clip_frac_high", "high_mean"),
+                                 ("clip_frac", "region_mean")):
+                self._metrics[mode][f"clip_ratio/{theirs}"].append(global_mean(metrics[ours][0]))
+        elif self.loss_type == "cispo":
+            self._metrics[mode]["cispo_clip_ratio"].append(global_mean(metrics["clip_frac_high"][0]))
 
     # -- checkpoints: the adapter only, in PEFT format ------------------------------------------
     def save_adapter(self, directory) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lora_engine.checks import check_types
 from lora_engine.engine.spec import AdapterSpec
-from lora_engine.kernels.policy_loss import LOSS_TYPES
+from lora_engine.kernels.policy_loss import LOSS_OPTION_DEFAULTS, LOSS_TYPES, check_loss_options
 from lora_engine.rl.models import DTYPES
 
 if sys.version_info >= (3, 11):
@@ -54,11 +54,19 @@ class TrainConfig:
     temperature: float = 1.0                   # sampling temperature (the log-probs use it too)
     top_p: float = 1.0                         # nucleus sampling
     # --- objective ----------------------------------------------------------------------------
-    loss_type: str = "dapo"                    # TRL's aggregations, per adapter: grpo | bnpo | dr_grpo | dapo
+    loss_type: str = "dapo"                    # TRL 1.16's, per adapter: grpo bnpo dr_grpo dapo cispo sapo luspo vespo
     eps_low: float = 0.2                       # clip range [1 - eps_low, 1 + eps_high] of the ratio
-    eps_high: float = 0.2
+    eps_high: float = 0.2                      # (cispo: the ratio's cap itself; TRL suggests 5.0)
     delta: float | None = None                 # two-sided clipping: upper bound on the unclipped ratio
-    beta: float = 0.0                          # k3 KL coefficient to the base (the adapter off)
+    beta: float = 0.0                          # KL coefficient to the base (the adapter off)
+    kl_correction: bool = False                # k3 x importance ratio (TRL's use_bias_correction_kl,
+                                               # its default: TRL parity needs true), else plain k3
+    sapo_temperature_pos: float = 1.0          # sapo: sigmoid temperature for A > 0 (TRL's default)
+    sapo_temperature_neg: float = 1.05         # sapo: for A <= 0
+    vespo_k_pos: float = 2.0                   # vespo: (k, lambda) of its weight for A >= 0 ...
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0                   # ... and for A < 0
+    vespo_lambda_neg: float = 2.0
     scale_rewards: str = "std"                 # "std" (GRPO) or "none" (Dr.GRPO) advantage scaling
     drop_zero_variance: bool = False           # drop groups whose rewards are all equal
     format_weight: float = 0.0                 # x boxed_format_reward (+bonus for one box, -penalty for none)
@@ -95,6 +103,7 @@ class TrainConfig:
                              "number for all adapters or one per adapter")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {tuple(LOSS_TYPES)}, got {self.loss_type!r}")
+        check_loss_options(**self.loss_options)
         if self.scale_rewards not in ("std", "none"):
             raise ValueError(f"scale_rewards must be 'std' or 'none' (Dr.GRPO), got {self.scale_rewards!r}")
         for name in ("steps", "samples_per_prompt", "max_new_tokens", "inner_updates"):
@@ -114,6 +123,11 @@ class TrainConfig:
             raise ValueError(f"temperature must be > 0 for sampling, got {self.temperature}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+    @property
+    def loss_options(self) -> dict:
+        """The loss-type hyperparameters ``ops.policy_loss`` takes beyond the clip range and beta."""
+        return {k: getattr(self, k) for k in LOSS_OPTION_DEFAULTS}
 
     @property
     def prompts_per_adapter(self) -> tuple[int, ...]:

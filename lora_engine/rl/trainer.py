@@ -9,8 +9,11 @@ G samples o_1..o_G per prompt from pi_old = pi_theta_a at rollout time) minimise
     A_i  = (R_i - mean_group R) / (std_group R + 1e-4)      (scale_rewards="none": no division)
     k3_it = exp(ref_it - logp_it) - (ref_it - logp_it) - 1, ref = the same base, adapter off
 
-where AGG is TRL's ``loss_type`` (grpo | bnpo | dr_grpo | dapo) taken over adapter a's own
-sequences and tokens only. R_i = task correctness (+ format bonus, + length penalty). The
+where AGG is TRL's ``loss_type`` (grpo | bnpo | dr_grpo | dapo | luspo; cispo, sapo and vespo
+replace the clipped term by their own surrogates, ``kernels.policy_loss.naive``) taken over
+adapter a's own sequences and tokens only; ``kl_correction`` multiplies k3 by r_it (TRL's
+``use_bias_correction_kl``). Groups dropped by ``drop_zero_variance`` leave every normaliser.
+R_i = task correctness (+ format bonus, + length penalty). The
 trainer minimises sum_a L_a: the gradient is block-diagonal, so every adapter gets exactly the
 update it would get alone, with its own AdamW (lr, LoRA+ ratio for B, weight decay), its own
 gradient clipping, and a NaN/inf in one adapter skips only that adapter's step.
@@ -27,6 +30,7 @@ from pathlib import Path
 import torch
 
 from lora_engine import ops
+from lora_engine.kernels.policy_loss import METRIC_NAMES, loss_normalisers
 from lora_engine.engine import methods
 from lora_engine.rl.advantages import group_advantages, make_group_ids
 from lora_engine.rl import checkpoints
@@ -129,15 +133,18 @@ class GRPOTrainer:
         mask = ro.completion_mask.float() * keep.float()[:, None].to(ro.completion_mask.device)
         device = ro.input_ids.device
         adv, ids_dev = adv.to(device), adapter_ids.to(device)
-        chunks = self._micro_batches(len(adapter_ids), device)
+        # Dropped groups (drop_zero_variance) leave the batch: they are neither computed nor
+        # counted in any adapter's normaliser (as sequences they would dilute grpo's mean).
+        kept = keep.nonzero().squeeze(1).to(device)
+        chunks = self._micro_batches(kept, device)
         with torch.no_grad():
             ref = self._stitch(ro, chunks, base=True) if cfg.beta > 0 else None
             old = self._stitch(ro, chunks, base=False) if cfg.inner_updates > 1 else None
         # Each micro-batch's per-adapter loss is rescaled from its own normaliser to the whole
-        # batch's (sequences for grpo/dr_grpo, tokens for bnpo/dapo; metrics are token means),
-        # so the accumulated gradient is the whole-batch gradient whatever the micro-batch size.
+        # batch's (kernels.policy_loss.loss_normalisers; metrics are token means), so the
+        # accumulated gradient is the whole-batch gradient whatever the micro-batch size.
         A = self.engine.bank.num_slots
-        full_loss_den, full_tok_den = self._normalisers(ids_dev, mask, A)
+        full_loss_den, full_tok_den = self._normalisers(ids_dev[kept], mask[kept], A)
         skipped, grad_norms = set(), {}
         entropy = torch.zeros_like(mask)
         for _ in range(cfg.inner_updates):
@@ -151,13 +158,15 @@ class GRPOTrainer:
                     logp, old[idx] if old is not None else logp.detach(), adv[idx], mask[idx], ids_dev[idx],
                     ref_logp=ref[idx] if ref is not None else None, loss_type=cfg.loss_type,
                     eps_low=cfg.eps_low, eps_high=cfg.eps_high, delta=cfg.delta, beta=cfg.beta,
-                    num_adapters=A, max_completion_length=cfg.max_new_tokens)
+                    num_adapters=A, max_completion_length=cfg.max_new_tokens, **cfg.loss_options)
                 loss_den, tok_den = self._normalisers(ids_dev[idx], mask[idx], A)
                 w_loss, w_tok = loss_den / full_loss_den, tok_den / full_tok_den
                 (losses * w_loss).sum().backward()
                 total += losses.detach() * w_loss
                 part = {k: v * w_tok for k, v in m.items()}
                 metrics = part if metrics is None else {k: metrics[k] + part[k] for k in part}
+            if metrics is None:  # every group dropped: nothing to learn from this batch
+                metrics = {k: torch.zeros(A, device=device) for k in METRIC_NAMES}
             for a in self.ids:
                 norm = self._adapter_step(a, total[a])
                 grad_norms[a] = norm
@@ -167,14 +176,17 @@ class GRPOTrainer:
         return self._step_metrics(step, ro, reward, correct, adv, keep, mask, entropy, metrics,
                                   grad_norms, skipped, wall)
 
-    def _micro_batches(self, B: int, device) -> list[torch.Tensor]:
-        n = self.cfg.micro_batch_size or B
-        return [torch.arange(i, min(i + n, B), device=device) for i in range(0, B, n)]
+    def _micro_batches(self, rows, device) -> list[torch.Tensor]:
+        """``rows`` (an index tensor, or B for every row) in pieces of ``micro_batch_size``."""
+        rows = torch.arange(rows, device=device) if isinstance(rows, int) else rows.to(device)
+        n = self.cfg.micro_batch_size or max(len(rows), 1)
+        return [rows[i:i + n] for i in range(0, len(rows), n)]
 
     @staticmethod
     def _select(ro: Rollouts, idx: torch.Tensor) -> Rollouts:
         """The rows idx of a rollout batch (same prompt width P and completion width C)."""
-        if idx.numel() == ro.input_ids.shape[0]:  # micro-batches are ordered ranges: all rows
+        B = ro.input_ids.shape[0]
+        if idx.numel() == B and bool((idx.cpu() == torch.arange(B)).all()):  # every row, in order
             return ro
         def take(t):
             return t[idx.to(t.device)]
@@ -195,14 +207,8 @@ class GRPOTrainer:
         return out
 
     def _normalisers(self, ids: torch.Tensor, mask: torch.Tensor, A: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per adapter: the loss normaliser of cfg.loss_type without its constants (sequences
-        for grpo/dr_grpo, masked tokens for bnpo/dapo) and the token count of the metrics,
-        each clamped to >= 1 as the policy loss clamps them."""
-        tok = torch.zeros(A, device=mask.device).index_add(0, ids, mask.float().sum(-1)).clamp(min=1.0)
-        if self.cfg.loss_type in ("grpo", "dr_grpo"):
-            seq = torch.bincount(ids, minlength=A).float().clamp(min=1.0)
-            return seq, tok
-        return tok, tok
+        """Per adapter: cfg.loss_type's loss normaliser and the metrics' token count over these rows."""
+        return loss_normalisers(ids, mask, A, self.cfg.loss_type, self.cfg.max_new_tokens)
 
     def _adapter_step(self, a: int, loss: torch.Tensor) -> float:
         """Clip and step adapter a alone; a non-finite loss or gradient skips its step."""
