@@ -10,6 +10,7 @@ import torch
 import lora_engine as le
 from helpers import assert_close
 from lora_engine.kernels.logprobs import token_logprobs_naive, token_logprobs_triton
+from lora_engine.kernels.logprobs import triton_logprobs as tlp
 
 CASES = [
     # (T, d, V, temperature)
@@ -182,6 +183,76 @@ def test_triton_rejects_fp64():
     h, w, y = _make(5, 8, 12, torch.float64)
     with pytest.raises(ValueError, match="token_logprobs_naive"):
         token_logprobs_triton(h, w, y)
+
+
+# --- backward chunking ---------------------------------------------------------------------
+
+CHUNK_RULE = [
+    # (T, V, element bytes, BLOCK_T, rows per chunk)
+    pytest.param(16384, 151936, 2, 128, 512, id="V151936-bf16-min-512"),    # 155.6 MB of dz
+    pytest.param(16384, 151936, 4, 64, 512, id="V151936-fp32-min-512"),
+    pytest.param(16384, 100000, 2, 128, 768, id="rounds-up-not-down"),     # 671 rows fit 128 MiB
+    pytest.param(16384, 32000, 2, 128, 2176, id="small-V-fills-128MiB"),
+    pytest.param(16384, 2**20, 2, 128, 512, id="huge-V-keeps-the-min"),    # 1 GiB of dz
+    pytest.param(300, 151936, 2, 128, 300, id="T-under-min-one-chunk"),
+    pytest.param(16384, 4096, 2, 128, 16384, id="tiny-V-one-chunk"),
+]
+
+
+@pytest.mark.parametrize("T,V,elt,block_t,rows", CHUNK_RULE)
+def test_dz_chunk_rows_rule(T, V, elt, block_t, rows):
+    C = tlp.dz_chunk_rows(T, V, elt, block_t)
+    assert C == rows
+    if C < T:
+        assert C % block_t == 0 and C >= 512  # intensity against W: 2*C/elt >= 1.7x H100's 295 FLOP/B in bf16
+
+
+def test_dz_chunk_rows_bad_input():
+    with pytest.raises(ValueError, match="dz_chunk_rows needs"):
+        tlp.dz_chunk_rows(16, 0, 2, 16)
+
+
+def _fwd_stats(T, d, V, dtype, seed=9):
+    h, w, y = _make(T, d, V, dtype, seed=seed)
+    logp, m, log_s, ent = tlp._logprobs_fwd(h, w, y, 0.8, True)
+    g = torch.Generator().manual_seed(seed + 1)
+    return h, w, y, m, log_s, ent, torch.randn(T, generator=g), torch.randn(T, generator=g)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
+                                   pytest.param(torch.float16, id="fp16")])
+def test_dz_bits_do_not_depend_on_the_chunking(dtype):
+    """Every row of dz comes out the same bits whatever chunk (and position in it) computes it,
+    including chunks that are not a multiple of BLOCK_T (16 in the interpreter)."""
+    T, d, V = 63, 48, 200
+    h, w, y, m, log_s, ent, g, ge = _fwd_stats(T, d, V, dtype)
+    cfg = tlp._config(dtype, T, V, h.device, backward=True)
+    outs = []
+    for C in (T, 5, 17, 32):
+        dz = torch.empty((T, V), dtype=dtype)
+        for t0 in range(0, T, C):
+            t1 = min(t0 + C, T)
+            chunk = torch.empty((C, V), dtype=dtype)
+            tlp._dz_chunk(h, w, y, m, log_s, g, ent, ge, 1 / 0.8, t0, t1, chunk, cfg)
+            dz[t0:t1] = chunk[:t1 - t0]
+        outs.append(dz)
+    for C, dz in zip((5, 17, 32), outs[1:]):
+        assert torch.equal(dz, outs[0]), f"chunks of {C} rows changed dz"
+
+
+@pytest.mark.parametrize("C", [1, 7, 16, 40, 63])
+def test_backward_matches_reference_at_any_chunk_size(monkeypatch, C):
+    """dh through logp and entropy at forced chunk sizes (1 row, not a multiple of BLOCK_T, one
+    chunk for all rows); dz @ W is cuBLAS's / MKL's GEMM, whose bits may depend on C."""
+    monkeypatch.setattr(tlp, "dz_chunk_rows", lambda *args, **kwargs: C)
+    T, d, V = 63, 48, 200
+    h, w, y = _make(T, d, V, torch.float32, seed=10)
+    g = torch.Generator().manual_seed(11)
+    g_logp, g_ent = torch.randn(T, generator=g), torch.randn(T, generator=g)
+    _, _, dh = _run(token_logprobs_triton, h, w, y, 0.8, True, g_logp, g_ent)
+    _, _, ref = _run(token_logprobs_naive, h, w, y, 0.8, True, g_logp.double(), g_ent.double(),
+                     dtype=torch.float64)
+    assert_close(dh, ref, torch.float32, f"dh with {C}-row chunks")
 
 
 # --- GPU: compiled kernels, bf16, production tile sizes -------------------------------------

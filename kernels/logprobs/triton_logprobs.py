@@ -14,12 +14,14 @@ No [T, V] tensor is ever allocated (fp32 logits for T=16384, V=151936 would be 1
   ``dh = (dz / temperature) @ W``; nothing for W (the LM head is frozen).
   ``_logprobs_bwd_dz_kernel`` recomputes the logits of a chunk of C rows tile by tile from the
   saved row max and log-sum (2 fp32 per token) and writes that chunk's dz ([C, V] in W's
-  dtype, C*V*elt <= 64 MiB, so all T rows at once only when T*V*elt fits in 64 MiB);
-  cuBLAS does dz @ W. Estimated cost of the round trip through
-  memory at T=16384, V=151936, bf16: 2 x 5 GB at ~3.3 TB/s ~ 3 ms, against ~29 ms for one
-  20 TFLOP GEMM at ~700 TFLOP/s (estimates, not yet measured). In exchange the dh reduction
-  over V is one deterministic GEMM, not atomics; a [BLOCK_T, d] dh accumulator on chip is
-  impossible at d=4096.
+  dtype); cuBLAS does dz @ W. In exchange the dh reduction over V is one deterministic GEMM,
+  not atomics; a [BLOCK_T, d] dh accumulator on chip is impossible at d=4096.
+  Cost model (estimates, not yet measured; T=16384, d=4096, V=151936, bf16, H200): each chunk
+  reads the whole LM head twice (1.24 GB each: once in the dz kernel, once in the GEMM) for
+  4*C*V*d FLOPs, an intensity against W of 2*C/elt FLOP/B, i.e. C in bf16. With C = 512
+  (``dz_chunk_rows``) that is 32 chunks, 80 GB of W traffic (~17 ms at 4.8 TB/s) under 41
+  TFLOP of math (~51 ms at ~800 TFLOP/s), plus the dz round trip 2 x T*V*2 = 10 GB (~2 ms).
+  The former 64 MiB chunk (C = 128 rows) read 319 GB of W (~66 ms): memory-bound.
 
 Grid order: axis 0 (fastest) is the T block, so programs running together share one
 vocabulary range of W (V_PER_SPLIT rows * d * 2 bytes = 32 MiB at d=4096, inside a 50 MB L2)
@@ -144,11 +146,29 @@ def _logprobs_bwd_dz_kernel(
 
 # --- host launchers -----------------------------------------------------------------------
 
-# Bytes of the per-chunk dz buffer in the backward. The memory target is extra memory <= 1% of
-# the naive fp32 logits (T=16384, V=151936: 1% = 100 MB); 64 MiB + the 10 MB of forward
-# partials stays under it. C = 220 rows at V=151936 in bf16: each dz @ W GEMM is still
-# 2*220*151936*4096 = 274 GFLOP, large enough for cuBLAS to run near peak (to be measured).
-_DZ_CHUNK_BYTES = 64 * 2**20
+# Rows per backward chunk (``dz_chunk_rows``). A chunk's intensity against the LM head is
+# 2*C/elt FLOP/B (module docstring); dense bf16 turns compute-bound at 989 TFLOP/s over
+# 3.35 TB/s = 295 FLOP/B on an H100 SXM, 206 on an H200 (4.8 TB/s). 512 rows give 512 FLOP/B,
+# 1.7x / 2.5x those: the W re-reads hide under the math with room for the dz round trip
+# (elt*balance/(2*d) = 7% of the math time at d=4096). dz is then 155 MB at V=151936 in bf16:
+# with the 10 MB of forward partials, 1.6% of the 10 GB of fp32 logits the naive path holds.
+_DZ_MIN_ROWS = 512
+# Where 512 rows cost less, chunks grow until dz reaches this (fewer, larger launches: 2,176
+# rows at V=32000 in bf16). At huge V the minimum wins: 512 rows of V=2^20 are 1 GiB, 1/64 of
+# T=16384 rows of fp32 logits, and fewer rows would make the chunk memory-bound again.
+_DZ_BYTES = 128 * 2**20
+
+
+def dz_chunk_rows(T: int, V: int, elt: int, block_t: int, min_rows: int = _DZ_MIN_ROWS,
+                  max_bytes: int = _DZ_BYTES) -> int:
+    """Rows C per backward chunk: the most rows whose [C, V] dz of ``elt``-byte elements fits
+    ``max_bytes``, but at least ``min_rows``; rounded up (never down) to a multiple of
+    ``block_t`` so no dz tile runs part-empty inside a chunk; at most T (one chunk)."""
+    if min(T, V, elt, block_t, min_rows) < 1:
+        raise ValueError(f"dz_chunk_rows needs T, V, elt, block_t, min_rows >= 1, got "
+                         f"{(T, V, elt, block_t, min_rows)}")
+    rows = max(min_rows, max_bytes // (V * elt))
+    return min(triton.cdiv(rows, block_t) * block_t, T)
 
 
 def _interpreting() -> bool:
@@ -167,7 +187,7 @@ def _config(dtype: torch.dtype, T: int, V: int, device: torch.device, backward: 
     """
     if _interpreting():
         return dict(BLOCK_T=16, BLOCK_V=32, BLOCK_D=16, num_warps=4, num_stages=1,
-                    v_per_split=64, dz_rows=32)
+                    v_per_split=64, dz_min_rows=32, dz_bytes=0)
     if dtype == torch.float32:
         cfg = (dict(BLOCK_T=64, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2) if backward
                else dict(BLOCK_T=32, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2))
@@ -181,9 +201,7 @@ def _config(dtype: torch.dtype, T: int, V: int, device: torch.device, backward: 
     want_splits = triton.cdiv(2 * sms, n_t)
     per_split = triton.cdiv(triton.cdiv(V, want_splits), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
     cfg["v_per_split"] = max(cfg["BLOCK_V"], min(32 * cfg["BLOCK_V"], per_split))
-    elt = torch.finfo(dtype).bits // 8
-    rows = _DZ_CHUNK_BYTES // (V * elt) // cfg["BLOCK_T"] * cfg["BLOCK_T"]
-    cfg["dz_rows"] = max(cfg["BLOCK_T"], rows)
+    cfg.update(dz_min_rows=_DZ_MIN_ROWS, dz_bytes=_DZ_BYTES)
     return cfg
 
 
@@ -219,29 +237,36 @@ def _logprobs_fwd(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, temperature
     return logp, m_max, log_s, entropy
 
 
+def _dz_chunk(h, w, y, m, log_s, g, entropy, ge, inv_temp, t0, t1, dz, cfg):
+    """dz[:t1 - t0] of rows t0:t1 (``_logprobs_bwd_dz_kernel``); each row depends on its own
+    inputs only, so the result is the same bits whatever the chunking."""
+    n, d = t1 - t0, h.shape[1]
+    V = w.shape[0]
+    hc = h[t0:t1]
+    with_ent = ge is not None
+    grid = (triton.cdiv(n, cfg["BLOCK_T"]), triton.cdiv(V, cfg["BLOCK_V"]))
+    _logprobs_bwd_dz_kernel[grid](
+        hc, w, y[t0:t1], m[t0:t1], log_s[t0:t1], g[t0:t1],
+        entropy[t0:t1] if with_ent else g[t0:t1], ge[t0:t1] if with_ent else g[t0:t1], dz,
+        n, V, d, inv_temp,
+        hc.stride(0), hc.stride(1), w.stride(0), w.stride(1), dz.stride(0), dz.stride(1),
+        WITH_ENTROPY_GRAD=with_ent, BLOCK_T=cfg["BLOCK_T"], BLOCK_V=cfg["BLOCK_V"],
+        BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
 def _logprobs_bwd(h, w, y, m, log_s, g, entropy, ge, temperature):
     """dh [T, d] in h's dtype from dlogp ``g`` [T] and (optional) dentropy ``ge`` [T]."""
     T, d = h.shape
     V = w.shape[0]
     cfg = _config(h.dtype, T, V, h.device, backward=True)
-    with_ent = ge is not None
     dh = torch.empty((T, d), device=h.device, dtype=h.dtype)
-    C = min(cfg["dz_rows"], T)
+    C = dz_chunk_rows(T, V, w.element_size(), cfg["BLOCK_T"], cfg["dz_min_rows"], cfg["dz_bytes"])
     dz = torch.empty((C, V), device=h.device, dtype=w.dtype)
     for t0 in range(0, T, C):
         t1 = min(t0 + C, T)
-        n = t1 - t0
-        hc = h[t0:t1]
-        grid = (triton.cdiv(n, cfg["BLOCK_T"]), triton.cdiv(V, cfg["BLOCK_V"]))
-        _logprobs_bwd_dz_kernel[grid](
-            hc, w, y[t0:t1], m[t0:t1], log_s[t0:t1], g[t0:t1],
-            entropy[t0:t1] if with_ent else g[t0:t1], ge[t0:t1] if with_ent else g[t0:t1], dz,
-            n, V, d, 1.0 / temperature,
-            hc.stride(0), hc.stride(1), w.stride(0), w.stride(1), dz.stride(0), dz.stride(1),
-            WITH_ENTROPY_GRAD=with_ent, BLOCK_T=cfg["BLOCK_T"], BLOCK_V=cfg["BLOCK_V"],
-            BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
-        torch.mm(dz[:n], w, out=dh[t0:t1])
+        _dz_chunk(h, w, y, m, log_s, g, entropy, ge, 1.0 / temperature, t0, t1, dz, cfg)
+        torch.mm(dz[:t1 - t0], w, out=dh[t0:t1])
     return dh
 
 
