@@ -6,6 +6,8 @@ T blocks, V blocks, V splits and backward chunks. fp32/fp16 here; bf16 in the `g
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import lora_engine as le
 from helpers import assert_close
@@ -240,9 +242,9 @@ def test_dz_bits_do_not_depend_on_the_chunking(dtype):
         assert torch.equal(dz, outs[0]), f"chunks of {C} rows changed dz"
 
 
-@pytest.mark.parametrize("C", [1, 7, 16, 40, 63])
+@pytest.mark.parametrize("C", [3, 7, 16, 40, 63])
 def test_backward_matches_reference_at_any_chunk_size(monkeypatch, C):
-    """dh through logp and entropy at forced chunk sizes (1 row, not a multiple of BLOCK_T, one
+    """dh through logp and entropy at forced chunk sizes (3 rows, not a multiple of BLOCK_T, one
     chunk for all rows); dz @ W is cuBLAS's / MKL's GEMM, whose bits may depend on C."""
     monkeypatch.setattr(tlp, "dz_chunk_rows", lambda *args, **kwargs: C)
     T, d, V = 63, 48, 200
@@ -253,6 +255,51 @@ def test_backward_matches_reference_at_any_chunk_size(monkeypatch, C):
     _, _, ref = _run(token_logprobs_naive, h, w, y, 0.8, True, g_logp.double(), g_ent.double(),
                      dtype=torch.float64)
     assert_close(dh, ref, torch.float32, f"dh with {C}-row chunks")
+
+
+# --- forward program order -------------------------------------------------------------------
+
+@triton.jit
+def _order_probe(out_ptr, n_t, n_s, GROUP_T: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_t, pid_s = tlp._grouped_pid(pid, n_t, n_s, GROUP_T)
+    tl.store(out_ptr + 2 * pid, pid_t)
+    tl.store(out_ptr + 2 * pid + 1, pid_s)
+
+
+@pytest.mark.parametrize("n_t,n_s,group", [
+    pytest.param(40, 9, 16, id="GPU-group-16-partial-last"),
+    pytest.param(7, 3, 3, id="partial-last-group"),
+    pytest.param(2, 5, 16, id="fewer-T-blocks-than-a-group"),
+    pytest.param(5, 1, 1, id="group-1"),
+])
+def test_grouped_order_visits_every_tile_once(n_t, n_s, group):
+    out = torch.full((n_t * n_s, 2), -1, dtype=torch.int32)
+    _order_probe[(n_t * n_s,)](out, n_t, n_s, GROUP_T=group)
+    pairs = {(int(t), int(s)) for t, s in out.tolist()}
+    assert pairs == {(t, s) for t in range(n_t) for s in range(n_s)}
+    # Inside a full group, consecutive programs walk T blocks of one split: they share its W tiles.
+    if n_t >= group:
+        assert out[:group, 1].eq(0).all() and out[:group, 0].tolist() == list(range(group))
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
+                                   pytest.param(torch.float16, id="fp16")])
+def test_forward_bits_do_not_depend_on_program_order(monkeypatch, dtype):
+    """GROUP_T changes only which program computes which tile: the same bits, and the reference's
+    values, for one group per T block, a partial last group, and one group for all."""
+    T, d, V = 63, 48, 200  # 4 T blocks x 4 V splits in the interpreter
+    h, w, y = _make(T, d, V, dtype, seed=12)
+    config = tlp._config
+    outs = []
+    for group in (1, 3, 4, 16):
+        monkeypatch.setattr(tlp, "_config", lambda *a, g=group, **k: {**config(*a, **k), "GROUP_T": g})
+        outs.append(token_logprobs_triton(h, w, y, temperature=0.9, return_entropy=True))
+    ref = token_logprobs_naive(h.double(), w.double(), y, temperature=0.9, return_entropy=True)
+    for (logp, ent) in outs[1:]:
+        assert torch.equal(logp, outs[0][0]) and torch.equal(ent, outs[0][1])
+    assert_close(outs[0][0], ref[0], dtype, "logp")
+    assert_close(outs[0][1], ref[1], dtype, "entropy")
 
 
 # --- GPU: compiled kernels, bf16, production tile sizes -------------------------------------

@@ -23,9 +23,15 @@ No [T, V] tensor is ever allocated (fp32 logits for T=16384, V=151936 would be 1
   TFLOP of math (~51 ms at ~800 TFLOP/s), plus the dz round trip 2 x T*V*2 = 10 GB (~2 ms).
   The former 64 MiB chunk (C = 128 rows) read 319 GB of W (~66 ms): memory-bound.
 
-Grid order: axis 0 (fastest) is the T block, so programs running together share one
-vocabulary range of W (V_PER_SPLIT rows * d * 2 bytes = 32 MiB at d=4096, inside a 50 MB L2)
-and W is read from HBM about once per pass instead of once per T block.
+Forward program order (``_grouped_pid``): a 1-D grid walked in groups of GROUP_T = 16 T blocks,
+T fastest inside a group, then the V splits, then the next group. With one T block per
+program along a fast axis, the ~132 co-resident programs each streamed their own 512 KB h tile
+per V block, a 66 MB working set (plus a 32 MB W slice) over the 50-60 MB L2: ~159 GB of h
+traffic at T=16384, d=4096, V=151936 (estimate). In groups, the programs running together share
+16 h tiles (8 MB, in L2 for the group's whole pass over V) and ~8 W tiles per step: h is read
+from HBM about once, W once per group (16 x 1.24 GB = 20 GB, ~4 ms at 4.8 TB/s under ~25 ms of
+math). 16 ~ sqrt(2 x 132) balances the two per step (h tiles are 64 rows, W tiles 128). The
+order changes which program computes what, never how: results are the same bits in any order.
 """
 from __future__ import annotations
 
@@ -41,16 +47,26 @@ from .naive import check_logprobs_inputs
 
 
 @triton.jit
+def _grouped_pid(pid, n_t, n_s, GROUP_T: tl.constexpr):
+    """(T block, V split) of program ``pid`` of an n_t * n_s grid, in groups of GROUP_T T blocks
+    (the last group may be smaller): T block fastest inside a group, then the split."""
+    per_group = GROUP_T * n_s
+    first_t = (pid // per_group) * GROUP_T
+    size = tl.minimum(n_t - first_t, GROUP_T)
+    local = pid % per_group
+    return first_t + local % size, local // size
+
+
+@triton.jit
 def _logprobs_fwd_kernel(
     h_ptr, w_ptr, y_ptr, m_ptr, s_ptr, a_ptr, zy_ptr,
-    T, V, d, V_PER_SPLIT, inv_temp,
+    T, V, d, V_PER_SPLIT, n_splits, inv_temp,
     stride_h_t, stride_h_d, stride_w_v, stride_w_d,
     WITH_ENTROPY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, GROUP_T: tl.constexpr,
 ):
     """Partial online-softmax statistics of rows [BLOCK_T] over vocabulary split ``pid_s``."""
-    pid_t = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_t, pid_s = _grouped_pid(tl.program_id(0), tl.cdiv(T, BLOCK_T), n_splits, GROUP_T)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     rows = offs_t.to(tl.int64)
@@ -187,7 +203,7 @@ def _config(dtype: torch.dtype, T: int, V: int, device: torch.device, backward: 
     """
     if _interpreting():
         return dict(BLOCK_T=16, BLOCK_V=32, BLOCK_D=16, num_warps=4, num_stages=1,
-                    v_per_split=64, dz_min_rows=32, dz_bytes=0)
+                    v_per_split=64, dz_min_rows=32, dz_bytes=0, GROUP_T=3)
     if dtype == torch.float32:
         cfg = (dict(BLOCK_T=64, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2) if backward
                else dict(BLOCK_T=32, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2))
@@ -195,13 +211,13 @@ def _config(dtype: torch.dtype, T: int, V: int, device: torch.device, backward: 
         cfg = (dict(BLOCK_T=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3) if backward
                else dict(BLOCK_T=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3))
     # Enough V splits for ~2 programs per SM, each split at most 32 V blocks (32 MiB of W at
-    # d=4096 in bf16 with BLOCK_V=128) so that its slice of W stays in L2 across the T blocks.
+    # d=4096 in bf16 with BLOCK_V=128): 38 splits at V=151936, 10 MB of partials at T=16384.
     n_t = triton.cdiv(T, cfg["BLOCK_T"])
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     want_splits = triton.cdiv(2 * sms, n_t)
     per_split = triton.cdiv(triton.cdiv(V, want_splits), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
     cfg["v_per_split"] = max(cfg["BLOCK_V"], min(32 * cfg["BLOCK_V"], per_split))
-    cfg.update(dz_min_rows=_DZ_MIN_ROWS, dz_bytes=_DZ_BYTES)
+    cfg.update(dz_min_rows=_DZ_MIN_ROWS, dz_bytes=_DZ_BYTES, GROUP_T=16)
     return cfg
 
 
@@ -215,12 +231,12 @@ def _logprobs_fwd(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, temperature
     S = triton.cdiv(V, cfg["v_per_split"])
     part = torch.empty((4, S, T), device=h.device, dtype=torch.float32)
     m, s, a, zy = part[0], part[1], part[2], part[3]
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]), S)
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]) * S,)
     _logprobs_fwd_kernel[grid](
-        h, w, y, m, s, a, zy, T, V, d, cfg["v_per_split"], 1.0 / temperature,
+        h, w, y, m, s, a, zy, T, V, d, cfg["v_per_split"], S, 1.0 / temperature,
         h.stride(0), h.stride(1), w.stride(0), w.stride(1),
         WITH_ENTROPY=with_entropy, BLOCK_T=cfg["BLOCK_T"], BLOCK_V=cfg["BLOCK_V"],
-        BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_D=cfg["BLOCK_D"], GROUP_T=cfg["GROUP_T"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     # Merge the S splits: O(S*T) elementwise work, negligible next to the kernel's O(T*V*d).
     m_max = m.max(dim=0).values
