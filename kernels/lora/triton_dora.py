@@ -9,8 +9,10 @@ Written as ``y + (g - 1) * (y - bias)`` rather than ``bias + g * (y - bias)`` so
 (DoRA's init, m = ||W||_c) the output is bitwise y: (y - b) + b is not y in floating point.
 
 Backward: dy = dout + (g_a - 1) * dout on the DoRA rows (dout elsewhere), and
-dg_a = sum_{t in a} dout[t] * (y[t] - bias), one program per (segment, column tile) reducing
-over the segment's rows in order: deterministic, no atomics.
+dg_a = sum_{t in a} dout[t] * (y[t] - bias), one program per (token chunk, column tile) reducing
+its rows in order, then one per (split segment, column tile) summing its chunks' fp32 partials
+in order: deterministic, no atomics (chunks of ``layout.token_chunk_rows(1)`` = 1024 rows: one
+DoRA adapter of 16384 tokens at N=4096 runs 16 x 64 programs, not 64).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import Routing, check_column_scale_inputs
+from .layout import Routing, check_column_scale_inputs, token_chunk_rows
 
 
 # --- kernels ------------------------------------------------------------------------------
@@ -61,18 +63,20 @@ def _colscale_kernel(
 
 @triton.jit
 def _colscale_dg_kernel(
-    dout_ptr, y_ptr, bias_ptr, dg_ptr, flag_ptr, token_idx_ptr, seg_start_ptr, seg_adapter_ptr,
+    dout_ptr, y_ptr, bias_ptr, dg_ptr, part_ptr, flag_ptr, token_idx_ptr, chunk_seg_ptr, chunk_start_ptr,
+    chunk_end_ptr, chunk_prow_ptr, seg_adapter_ptr,
     N, stride_d_t, stride_d_n, stride_y_t, stride_y_n, stride_g_a, stride_g_n,
     HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dg[a, n] = sum_{t in segment of a} dout[t, n] * (y[t, n] - bias[n])   (one program per column tile)."""
-    seg = tl.program_id(0)
+    """sum_{t in chunk} dout[t, n] * (y[t, n] - bias[n]) for one column tile: into dg[a, n] when
+    the chunk is its whole segment, else fp32 into part[prow, n]."""
+    chunk = tl.program_id(0)
     pid_n = tl.program_id(1)
-    adapter = tl.load(seg_adapter_ptr + seg)
+    adapter = tl.load(seg_adapter_ptr + tl.load(chunk_seg_ptr + chunk))
     if tl.load(flag_ptr + adapter) == 0:
         return
-    t_begin = tl.load(seg_start_ptr + seg)
-    t_end = tl.load(seg_start_ptr + seg + 1)
+    t_begin = tl.load(chunk_start_ptr + chunk)
+    t_end = tl.load(chunk_end_ptr + chunk)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     if HAS_BIAS:
@@ -90,6 +94,31 @@ def _colscale_dg_kernel(
             # Masked rows/columns load d = 0, so the bias they subtract adds nothing.
             y = y - b[None, :]
         acc += tl.sum(d.to(tl.float32) * y, axis=0)
+    prow = tl.load(chunk_prow_ptr + chunk)
+    if prow < 0:
+        tl.store(dg_ptr + adapter.to(tl.int64) * stride_g_a + offs_n * stride_g_n,
+                 acc.to(dg_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.store(part_ptr + prow.to(tl.int64) * N + offs_n, acc, mask=mask_n)
+
+
+@triton.jit
+def _colscale_dg_reduce_kernel(
+    dg_ptr, part_ptr, flag_ptr, red_seg_ptr, red_prow_ptr, red_n_ptr, seg_adapter_ptr,
+    N, stride_g_a, stride_g_n, BLOCK_N: tl.constexpr,
+):
+    """dg[a, n] = sum_j part[prow + j, n] over a split segment's chunks, in order."""
+    i = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    adapter = tl.load(seg_adapter_ptr + tl.load(red_seg_ptr + i))
+    if tl.load(flag_ptr + adapter) == 0:
+        return
+    prow = tl.load(red_prow_ptr + i)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in range(0, tl.load(red_n_ptr + i)):
+        acc += tl.load(part_ptr + (prow + j).to(tl.int64) * N + offs_n, mask=mask_n, other=0.0)
     tl.store(dg_ptr + adapter.to(tl.int64) * stride_g_a + offs_n * stride_g_n,
              acc.to(dg_ptr.dtype.element_ty), mask=mask_n)
 
@@ -120,14 +149,25 @@ def _colscale_(y, out, bias, g, flags, routing, has_bias):
 
 
 def _colscale_dg(dout, y, bias, dg, flags, routing):
+    """dg[a] = sum over a's rows of dout * (y - bias), per token chunk (``token_chunk_rows`` at
+    width 1), then the chunks of a split segment summed in order: deterministic, no atomics."""
     N = y.shape[1]
-    seg_start, seg_adapter = routing.segment_tensors()
-    grid = (routing.num_segments, triton.cdiv(N, BLOCK_N))
-    _colscale_dg_kernel[grid](
-        dout, y, bias if bias is not None else y, dg, flags, routing.token_idx, seg_start, seg_adapter,
+    _, seg_adapter = routing.segment_tensors()
+    S = routing.num_segments
+    ch = routing.token_chunks((token_chunk_rows(1, BLOCK_T),) * S, (1,) * S)
+    part = torch.empty((ch.part_rows, N), dtype=torch.float32, device=y.device)
+    n_tiles = triton.cdiv(N, BLOCK_N)
+    _colscale_dg_kernel[(ch.chunk_seg.numel(), n_tiles)](
+        dout, y, bias if bias is not None else y, dg, part, flags, routing.token_idx, ch.chunk_seg,
+        ch.chunk_start, ch.chunk_end, ch.chunk_prow, seg_adapter,
         N, dout.stride(0), dout.stride(1), y.stride(0), y.stride(1), dg.stride(0), dg.stride(1),
         HAS_BIAS=bias is not None, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N,
     )
+    if ch.red_seg.numel():
+        _colscale_dg_reduce_kernel[(ch.red_seg.numel(), n_tiles)](
+            dg, part, flags, ch.red_seg, ch.red_prow, ch.red_n, seg_adapter,
+            N, dg.stride(0), dg.stride(1), BLOCK_N=BLOCK_N,
+        )
 
 
 # --- autograd -----------------------------------------------------------------------------

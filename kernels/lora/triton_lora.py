@@ -8,13 +8,16 @@ cuBLAS (x @ W^T and dy @ W); three kernels do the LoRA part:
 
 - ``_shrink_kernel``  U[t, :R_a] = s? * rows(x)[t] @ Wt_a^T   (x @ A_a^T forward, dy @ B_a backward)
 - ``_expand_kernel``  out[rows[t]] += s? * U[t, :R_a] @ Wt_a   (adds into y forward, into dx backward)
-- ``_wgrad_kernel``   G_a = s? * P_seg^T @ rows(Q)_seg         (dA_a = dU^T x, dB_a = s dy^T U)
+- ``_wgrad_kernel``   G_a = s? * P_seg^T @ rows(Q)_seg         (dA_a = dU^T x, dB_a = s dy^T U),
+  per token chunk of the segment (``layout.token_chunk_rows``), then ``_wgrad_reduce_kernel``
+  sums a split segment's fp32 partials in chunk order
 
 fp32 inputs use IEEE fp32 dots (Triton's default for fp32 is tf32, ~1e-3 relative error, which
 would make a default fp32 run's LoRA update less exact than its base GEMM).
 
-Every output element has exactly one owning program that reduces sequentially, so gradients are
-deterministic with no atomics. Rows are addressed through ``token_idx`` (gather/scatter in the
+Every output element has exactly one owning program (or, for a segment split into token chunks,
+one per chunk and then one reducing the chunks in order), so gradients are deterministic with
+no atomics. Rows are addressed through ``token_idx`` (gather/scatter in the
 loads and stores), so the activations are never permuted in memory.
 """
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import LoRALayout, Routing, check_lora_inputs
+from .layout import LoRALayout, Routing, check_lora_inputs, token_chunk_rows
 
 
 # --- kernels ------------------------------------------------------------------------------
@@ -119,23 +122,23 @@ def _expand_kernel(
 
 @triton.jit
 def _wgrad_kernel(
-    p_ptr, q_ptr, g_ptr, token_idx_ptr, seg_start_ptr, seg_adapter_ptr, rank_ptr, rank_off_ptr,
-    scale_ptr,
+    p_ptr, q_ptr, g_ptr, part_ptr, token_idx_ptr, chunk_seg_ptr, chunk_start_ptr, chunk_end_ptr,
+    chunk_prow_ptr, seg_adapter_ptr, rank_ptr, rank_off_ptr, scale_ptr,
     K, stride_p_t, stride_p_r, stride_q_t, stride_q_k, stride_g_r, stride_g_k,
     APPLY_SCALE: tl.constexpr, IEEE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """G[off_a + r, k] = sum_{t in segment} P[t, r] * Q[token_idx[t], k]   (one program per tile of G)."""
-    seg = tl.program_id(0)
+    """sum_{t in chunk} P[t, r] * Q[token_idx[t], k] for one tile of G: straight into
+    G[off_a + r, k] when the chunk is its whole segment, else fp32 into part[prow + r, k]."""
+    chunk = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_k = tl.program_id(2)
-    adapter = tl.load(seg_adapter_ptr + seg)
+    adapter = tl.load(seg_adapter_ptr + tl.load(chunk_seg_ptr + chunk))
     R = tl.load(rank_ptr + adapter)
     r0 = pid_r * BLOCK_R
     if r0 >= R:
         return
-    r_off = tl.load(rank_off_ptr + adapter)
-    t_begin = tl.load(seg_start_ptr + seg)
-    t_end = tl.load(seg_start_ptr + seg + 1)
+    t_begin = tl.load(chunk_start_ptr + chunk)
+    t_end = tl.load(chunk_end_ptr + chunk)
     offs_r = r0 + tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -154,10 +157,46 @@ def _wgrad_kernel(
             acc += tl.dot(tl.trans(p), q, input_precision="ieee")
         else:
             acc += tl.dot(tl.trans(p), q)
+    mask = mask_r[:, None] & mask_k[None, :]
+    prow = tl.load(chunk_prow_ptr + chunk)
+    if prow < 0:
+        if APPLY_SCALE:
+            acc *= tl.load(scale_ptr + adapter)
+        r_off = tl.load(rank_off_ptr + adapter)
+        g_ptrs = g_ptr + (r_off + offs_r).to(tl.int64)[:, None] * stride_g_r + offs_k[None, :] * stride_g_k
+        tl.store(g_ptrs, acc.to(g_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(part_ptr + (prow + offs_r).to(tl.int64)[:, None] * K + offs_k[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _wgrad_reduce_kernel(
+    g_ptr, part_ptr, red_seg_ptr, red_prow_ptr, red_n_ptr, seg_adapter_ptr, rank_ptr, rank_off_ptr,
+    scale_ptr, K, stride_g_r, stride_g_k,
+    APPLY_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """G[off_a + r, k] = (s *) sum_j part[prow + j * R + r, k] over a split segment's chunks, in order."""
+    i = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    adapter = tl.load(seg_adapter_ptr + tl.load(red_seg_ptr + i))
+    R = tl.load(rank_ptr + adapter)
+    r0 = pid_r * BLOCK_R
+    if r0 >= R:
+        return
+    prow = tl.load(red_prow_ptr + i)
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_r < R)[:, None] & (offs_k < K)[None, :]
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for j in range(0, tl.load(red_n_ptr + i)):
+        rows = (prow + j * R + offs_r).to(tl.int64)
+        acc += tl.load(part_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
     if APPLY_SCALE:
         acc *= tl.load(scale_ptr + adapter)
+    r_off = tl.load(rank_off_ptr + adapter)
     g_ptrs = g_ptr + (r_off + offs_r).to(tl.int64)[:, None] * stride_g_r + offs_k[None, :] * stride_g_k
-    tl.store(g_ptrs, acc.to(g_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_k[None, :])
+    tl.store(g_ptrs, acc.to(g_ptr.dtype.element_ty), mask=mask)
 
 
 # --- host launchers ---------------------------------------------------------------------------
@@ -204,18 +243,37 @@ def _expand_(u, w, stride_w_n, stride_w_r, out, layout, routing, apply_scale):
     )
 
 
+def _chunks(layout, routing):
+    """Token chunks of every segment for the weight-gradient kernels (``token_chunk_rows``);
+    a rank-0 adapter's segment stays one chunk (its programs exit at once)."""
+    ranks = [layout.ranks[a] for a in routing.seg_adapter]
+    rows = tuple(token_chunk_rows(r, BLOCK_T) if r else max(routing.num_routed, 1) for r in ranks)
+    return routing.token_chunks(rows, tuple(ranks))
+
+
 def _wgrad(p, q, g, stride_g_r, stride_g_k, layout, routing, apply_scale):
-    """g[rank rows of a, :] = (s *) P_a^T @ Q[rows of a] for every segment; g pre-zeroed."""
+    """g[rank rows of a, :] = (s *) P_a^T @ Q[rows of a] for every segment; g pre-zeroed.
+
+    Token chunks run in parallel (``_chunks``); a segment of several chunks leaves fp32 partials
+    that ``_wgrad_reduce_kernel`` sums in chunk order: deterministic, no atomics."""
     K = q.shape[1]
     ranks, offs, scales = layout.device_tensors(q.device)
-    seg_start, seg_adapter = routing.segment_tensors()
+    _, seg_adapter = routing.segment_tensors()
+    ch = _chunks(layout, routing)
+    part = torch.empty((ch.part_rows, K), dtype=torch.float32, device=q.device)
     block_r = _block_r(layout.max_rank)
-    grid = (routing.num_segments, triton.cdiv(layout.max_rank, block_r), triton.cdiv(K, BLOCK_K))
-    _wgrad_kernel[grid](
-        p, q, g, routing.token_idx, seg_start, seg_adapter, ranks, offs, scales,
+    r_tiles, k_tiles = triton.cdiv(layout.max_rank, block_r), triton.cdiv(K, BLOCK_K)
+    _wgrad_kernel[(ch.chunk_seg.numel(), r_tiles, k_tiles)](
+        p, q, g, part, routing.token_idx, ch.chunk_seg, ch.chunk_start, ch.chunk_end, ch.chunk_prow,
+        seg_adapter, ranks, offs, scales,
         K, p.stride(0), p.stride(1), q.stride(0), q.stride(1), stride_g_r, stride_g_k,
         APPLY_SCALE=apply_scale, IEEE=q.dtype == torch.float32, BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=BLOCK_K,
     )
+    if ch.red_seg.numel():
+        _wgrad_reduce_kernel[(ch.red_seg.numel(), r_tiles, k_tiles)](
+            g, part, ch.red_seg, ch.red_prow, ch.red_n, seg_adapter, ranks, offs, scales,
+            K, stride_g_r, stride_g_k, APPLY_SCALE=apply_scale, BLOCK_R=block_r, BLOCK_K=BLOCK_K,
+        )
 
 
 # --- autograd -----------------------------------------------------------------------------
