@@ -36,6 +36,7 @@ order changes which program computes what, never how: results are the same bits 
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -286,35 +287,57 @@ def _logprobs_bwd(h, w, y, m, log_s, g, entropy, ge, temperature):
     return dh
 
 
-# --- autograd -----------------------------------------------------------------------------
+# --- custom ops and autograd ------------------------------------------------------------------
+# torch.library ops with fake implementations: torch.compile traces through them without a graph
+# break and CUDA graphs can capture them. Upstream grads arrive materialised (zeros for an unused
+# output): an unused entropy costs one more multiply-add per dz element, nothing per GEMM.
+
+@torch.library.custom_op("lora_engine::token_logprobs", mutates_args=())
+def _token_logprobs_op(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, temperature: float,
+                       with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, entropy or [0], row max m, log s), [T] fp32 each; m and log s are for the backward."""
+    logp, m, log_s, entropy = _logprobs_fwd(h, w, y, temperature, with_entropy)
+    return logp, (entropy if with_entropy else logp.new_empty(0)), m, log_s
 
 
-class _TokenLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, w, y, temperature, with_entropy):
-        logp, m, log_s, entropy = _logprobs_fwd(h, w, y, temperature, with_entropy)
-        ctx.save_for_backward(h, w, y, m, log_s, entropy if with_entropy else m)
-        ctx.temperature = temperature
-        ctx.with_entropy = with_entropy
-        ctx.set_materialize_grads(False)
-        if entropy is None:
-            entropy = logp.new_empty(0)
-            ctx.mark_non_differentiable(entropy)
-        return logp, entropy
+@_token_logprobs_op.register_fake
+def _(h, w, y, temperature, with_entropy):
+    T = h.shape[0]
+    f32 = lambda n: h.new_empty((n,), dtype=torch.float32)
+    return f32(T), f32(T if with_entropy else 0), f32(T), f32(T)
 
-    @staticmethod
-    def backward(ctx, g_logp, g_entropy):
-        h, w, y, m, log_s, entropy = ctx.saved_tensors
-        if not ctx.needs_input_grad[0] or (g_logp is None and g_entropy is None):
-            return None, None, None, None, None
-        if g_logp is None:
-            g_logp = torch.zeros_like(m)
-        # Upstream grads are often expanded views (stride 0, from .sum()); the kernel needs stride 1.
-        g = g_logp.float().contiguous()
-        ge = g_entropy.float().contiguous() if (ctx.with_entropy and g_entropy is not None) else None
-        dh = _logprobs_bwd(h, w, y, m, log_s, g, entropy if ge is not None else None, ge,
-                           ctx.temperature)
-        return dh, None, None, None, None
+
+@torch.library.custom_op("lora_engine::token_logprobs_backward", mutates_args=())
+def _token_logprobs_bwd_op(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, m: torch.Tensor,
+                           log_s: torch.Tensor, g: torch.Tensor, entropy: Optional[torch.Tensor],
+                           ge: Optional[torch.Tensor], temperature: float) -> torch.Tensor:
+    return _logprobs_bwd(h, w, y, m, log_s, g, entropy, ge, temperature)
+
+
+@_token_logprobs_bwd_op.register_fake
+def _(h, w, y, m, log_s, g, entropy, ge, temperature):
+    return torch.empty_like(h)
+
+
+def _setup(ctx, inputs, output):
+    h, w, y, temperature, with_entropy = inputs
+    logp, entropy, m, log_s = output
+    ctx.save_for_backward(h, w, y, m, log_s, entropy)
+    ctx.temperature, ctx.with_entropy = temperature, with_entropy
+
+
+def _backward(ctx, g_logp, g_entropy, g_m, g_log_s):
+    h, w, y, m, log_s, entropy = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None, None
+    # Upstream grads are often expanded views (stride 0, from .sum()); the kernel needs stride 1.
+    g = g_logp.float().contiguous()
+    ge = g_entropy.float().contiguous() if ctx.with_entropy else None
+    dh = _token_logprobs_bwd_op(h, w, y, m, log_s, g, entropy if ctx.with_entropy else None, ge, ctx.temperature)
+    return dh, None, None, None, None
+
+
+_token_logprobs_op.register_autograd(_backward, setup_context=_setup)
 
 
 # --- public function ----------------------------------------------------------------------
@@ -322,7 +345,7 @@ class _TokenLogprobs(torch.autograd.Function):
 
 def token_logprobs_triton(hidden, lm_head_weight, targets, temperature=1.0, return_entropy=False):
     """Per-token log-prob of ``targets`` (and entropy) under ``hidden @ W^T / temperature``,
-    without materialising the [T, V] logits.
+    without materialising the [T, V] logits (the custom op ``torch.ops.lora_engine.token_logprobs``).
 
     Args:
         hidden: [*, d] fp16/bf16/fp32 final hidden states (any strides).
@@ -346,6 +369,6 @@ def token_logprobs_triton(hidden, lm_head_weight, targets, temperature=1.0, retu
     if h.shape[0] == 0:
         zeros = hidden.sum(dim=-1).float() * 0.0
         return (zeros, zeros.clone()) if return_entropy else zeros
-    logp, entropy = _TokenLogprobs.apply(h, lm_head_weight, y, float(temperature), bool(return_entropy))
+    logp, entropy, _, _ = _token_logprobs_op(h, lm_head_weight, y, float(temperature), bool(return_entropy))
     logp = logp.reshape(lead)
     return (logp, entropy.reshape(lead)) if return_entropy else logp

@@ -121,6 +121,13 @@ class Routing:
                                 torch.tensor(self.seg_adapter, dtype=torch.int32, device=dev))
         return self._dev["seg"]
 
+    def flag_tensor(self, flags: tuple[bool, ...]) -> torch.Tensor:
+        """int32 [A] on the routing's device, 1 where ``flags`` is true (DoRA's scaled slots), cached."""
+        key = ("flags", tuple(bool(f) for f in flags))
+        if key not in self._dev:
+            self._dev[key] = torch.tensor([int(f) for f in key[1]], dtype=torch.int32, device=self.token_idx.device)
+        return self._dev[key]
+
     def token_tiles(self, block_t: int):
         """(tile_seg int32 [n], tile_start int32 [n]): every BLOCK_T-row tile of every segment,
         so a launch has exactly as many programs as tiles, whatever the segment sizes."""
