@@ -211,3 +211,28 @@ def test_logprobs_custom_op_matches_reference():
     assert_close(logp, rl, torch.float32, "logp")
     assert_close(ent, re, torch.float32, "entropy")
     assert_close(x.grad, x64.grad, torch.float32, "dh")
+
+
+@pytest.mark.gpu
+def test_decode_step_compiles_and_captures_in_a_cuda_graph_bf16():
+    """A decode-like step (LoRA linear, DoRA scale, log-probs; no grad) under inductor with CUDA
+    graphs (mode="reduce-overhead"): no graph break, replays give eager's values."""
+    x, w, b, la, lb, layout, _ = _lora(T=64, K=128, N=96, dtype=torch.bfloat16)
+    x, w, b, la, lb = (t.cuda() for t in (x, w, b, la, lb))
+    routing = routing_from_token_ids(torch.arange(64) % 4 - 1, 3, "cuda")
+    scale = torch.ones(3, 96, device="cuda")
+    head = (torch.randn(500, 96) / 4).to("cuda", torch.bfloat16)
+    tgt = torch.randint(0, 500, (64,)).cuda()
+
+    @torch.no_grad()
+    def step(x):
+        y = lora_column_scale_triton(lora_linear_triton(x, w, b, la, lb, layout, routing), b, scale,
+                                     (True, False, True), routing)
+        return y, token_logprobs_triton(y, head, tgt)
+
+    eager = step(x)
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # warm-up, record, replay
+        got = compiled(x)
+    for g, e in zip(got, eager):
+        assert_close(g.float(), e.float(), torch.bfloat16, "compiled decode step")

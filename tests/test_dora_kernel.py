@@ -88,3 +88,17 @@ def test_chunked_dscale_deterministic_and_isolated():
     alone = _run(lora_column_scale_triton, y[:2100], b, scale, flags, routing_from_token_ids(_long_ids(False), 3),
                  grad_out[:2100])
     assert torch.equal(first[3][0], alone[3][0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_long_segment_compiled_gpu(dtype):
+    y, b, scale, flags, routing = _inputs(_long_ids(), (True, True, True), True, 200, dtype)
+    routing = routing_from_token_ids(_long_ids(), 3, "cuda")
+    inputs = (y.cuda(), b.cuda(), scale.cuda(), flags, routing)
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).cuda()
+    ref_in = [t.double() if torch.is_tensor(t) else t for t in inputs]
+    ref = _run(lora_column_scale_naive, *ref_in, grad_out.double())
+    got = _run(lora_column_scale_triton, *inputs, grad_out.to(dtype))
+    for name, g, r in zip(["out", "dy", "dbias", "dscale"], got, ref):
+        assert_close(g, r.to(g.dtype), dtype, name)

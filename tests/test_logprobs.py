@@ -308,6 +308,7 @@ GPU_CASES = [
     pytest.param(300, 256, 5003, 1.0, torch.bfloat16, id="bf16-V5003"),
     pytest.param(513, 320, 4096, 0.7, torch.float16, id="fp16-temp0.7"),
     pytest.param(257, 192, 3001, 1.0, torch.float32, id="fp32-ieee"),
+    pytest.param(1100, 64, 151936, 1.0, torch.bfloat16, id="bf16-V151936-3-dz-chunks"),  # C = 512
 ]
 
 

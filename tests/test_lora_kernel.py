@@ -233,6 +233,7 @@ def test_chunked_gradients_deterministic_and_isolated():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("T,K,N,ranks,pattern", CASES + [
     pytest.param(4096, 1024, 3072, (1, 2, 4, 8, 16, 32, 64, 128, 256, 512), "random", id="large-mixed"),
+    pytest.param(3000, 256, 192, (16,), "single", id="one-adapter-3-token-chunks"),
 ])
 def test_triton_compiled_gpu(T, K, N, ranks, pattern, dtype):
     inputs = _make(T, K, N, ranks, pattern, dtype, "cuda")
