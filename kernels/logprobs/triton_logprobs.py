@@ -4,7 +4,7 @@
 
 No [T, V] tensor is ever allocated (fp32 logits for T=16384, V=151936 would be 10 GB):
 
-- ``_logprobs_fwd_kernel``, grid (T blocks, V splits): each program walks its vocabulary range
+- ``_logprobs_fwd_kernel``, one program per (T block, V split): each walks its vocabulary range
   in [BLOCK_T, BLOCK_V] logits tiles (tl.dot over d in fp32) and keeps per row an online
   max ``m``, sum ``s = sum exp(z - m)`` and, for the entropy, ``a = sum exp(z - m) (z - m)``,
   plus the target logit. It writes these four [S, T] fp32 partials (10 MB at the shape above);
