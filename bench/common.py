@@ -47,12 +47,15 @@ def bench_ms(fn, warmup: int = 3, rep: int = 10) -> float:
     """Median milliseconds of ``fn()``: triton.testing.do_bench on a GPU, wall clock on a CPU.
 
     ``LORA_ENGINE_BENCH_QUICK=1`` calls ``fn`` once (the smoke tests: does every provider run?).
+    ``LORA_ENGINE_BENCH_REP_MS`` sets do_bench's measuring time on a GPU (default 100 ms, warm-up
+    a quarter of it); ``bench/gpu_session.sh`` uses 20 to fit its 8-minute budget.
     """
     if os.environ.get("LORA_ENGINE_BENCH_QUICK") == "1":
         warmup, rep = 0, 1
     elif torch.cuda.is_available():
         import triton.testing
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        rep_ms = float(os.environ.get("LORA_ENGINE_BENCH_REP_MS", "100"))
+        return float(triton.testing.do_bench(fn, warmup=rep_ms / 4, rep=rep_ms, return_mode="median"))
     for _ in range(warmup):
         fn()
     times = []

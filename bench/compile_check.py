@@ -70,7 +70,7 @@ def drive(dtype: torch.dtype) -> None:
     """Call every Triton entry point once, forward and backward, at shapes that select the GPU tiles."""
     from lora_engine.kernels.logprobs import token_logprobs_triton
     from lora_engine.kernels.lora import LoRALayout, lora_column_scale_triton, lora_linear_triton
-    from lora_engine.kernels.policy_loss import policy_loss_triton
+    from lora_engine.kernels.policy_loss import LOSS_TYPES, policy_loss_triton
     from lora_engine.engine.routing import routing_from_token_ids
 
     g = torch.Generator().manual_seed(0)
@@ -88,6 +88,17 @@ def drive(dtype: torch.dtype) -> None:
     scale = torch.ones(len(ranks), N, dtype=dtype, requires_grad=True)
     out = lora_column_scale_triton(y, bias, scale, (True, False, True), routing)
     out.backward(torch.ones_like(out))
+    # One adapter with more rows than a token chunk (1024; 2048 at rank 256): the split dA/dB/dg
+    # reductions, with rank tiles of 16 (rank 16 alone) and 64 (rank 256 beside the others).
+    for adapter, lay, A_all, B_all in ((0, LoRALayout((16,), [2.0]), la[:16], lb[:, :16]), (2, layout, la, lb)):
+        long_routing = routing_from_token_ids(torch.full((2100,), adapter), lay.num_adapters, "cpu")
+        x1 = torch.randn(2100, K, generator=g).to(dtype).requires_grad_()
+        y1 = lora_linear_triton(x1, w, bias, A_all.detach().requires_grad_(), B_all.detach().requires_grad_(),
+                                lay, long_routing)
+        flags = tuple(a == adapter for a in range(lay.num_adapters))
+        out = lora_column_scale_triton(y1, bias, scale[:lay.num_adapters].detach().requires_grad_(), flags,
+                                       long_routing)
+        out.backward(torch.ones_like(out))
 
     # Log-probs (+ entropy), forward and backward; V not a multiple of any tile.
     h = torch.randn(64, 128, generator=g).to(dtype).requires_grad_()
@@ -102,12 +113,13 @@ def drive(dtype: torch.dtype) -> None:
     old, ref = torch.randn(B, L, generator=g), torch.randn(B, L, generator=g)
     adv, mask = torch.randn(B, generator=g), (torch.rand(B, L, generator=g) > 0.2).float()
     aids = torch.arange(B) % A
-    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+    for loss_type in LOSS_TYPES:
         for level in ("token", "sequence"):
-            for beta, delta in ((0.0, None), (0.04, 2.0)):
+            for beta, delta, kl_correction in ((0.0, None, False), (0.04, 2.0, False), (0.04, 2.0, True)):
                 losses, _ = policy_loss_triton(logp, old, adv, mask, aids, ref_logp=ref, loss_type=loss_type,
                                                beta=beta, delta=delta, importance_level=level,
-                                               num_adapters=A, max_completion_length=L)
+                                               num_adapters=A, max_completion_length=L,
+                                               kl_correction=kl_correction)
                 losses.sum().backward()
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = ["_shrink_kernel", "_expand_kernel", "_wgrad_kernel", "_colscale_kernel", "_colscale_dg_kernel",
+KERNELS = ["_shrink_kernel", "_expand_kernel", "_wgrad_kernel", "_wgrad_reduce_kernel", "_colscale_kernel",
+           "_colscale_dg_kernel", "_colscale_dg_reduce_kernel",
            "_logprobs_fwd_kernel", "_logprobs_bwd_dz_kernel", "_policy_rows_kernel", "_policy_reduce_kernel",
            "_policy_bwd_kernel"]
 

@@ -6,10 +6,13 @@ T blocks, V blocks, V splits and backward chunks. fp32/fp16 here; bf16 in the `g
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import lora_engine as le
 from helpers import assert_close
 from lora_engine.kernels.logprobs import token_logprobs_naive, token_logprobs_triton
+from lora_engine.kernels.logprobs import triton_logprobs as tlp
 
 CASES = [
     # (T, d, V, temperature)
@@ -184,12 +187,128 @@ def test_triton_rejects_fp64():
         token_logprobs_triton(h, w, y)
 
 
+# --- backward chunking ---------------------------------------------------------------------
+
+CHUNK_RULE = [
+    # (T, V, element bytes, BLOCK_T, rows per chunk)
+    pytest.param(16384, 151936, 2, 128, 512, id="V151936-bf16-min-512"),    # 155.6 MB of dz
+    pytest.param(16384, 151936, 4, 64, 512, id="V151936-fp32-min-512"),
+    pytest.param(16384, 100000, 2, 128, 768, id="rounds-up-not-down"),     # 671 rows fit 128 MiB
+    pytest.param(16384, 32000, 2, 128, 2176, id="small-V-fills-128MiB"),
+    pytest.param(16384, 2**20, 2, 128, 512, id="huge-V-keeps-the-min"),    # 1 GiB of dz
+    pytest.param(300, 151936, 2, 128, 300, id="T-under-min-one-chunk"),
+    pytest.param(16384, 4096, 2, 128, 16384, id="tiny-V-one-chunk"),
+]
+
+
+@pytest.mark.parametrize("T,V,elt,block_t,rows", CHUNK_RULE)
+def test_dz_chunk_rows_rule(T, V, elt, block_t, rows):
+    C = tlp.dz_chunk_rows(T, V, elt, block_t)
+    assert C == rows
+    if C < T:
+        assert C % block_t == 0 and C >= 512  # intensity against W: 2*C/elt >= 1.7x H100's 295 FLOP/B in bf16
+
+
+def test_dz_chunk_rows_bad_input():
+    with pytest.raises(ValueError, match="dz_chunk_rows needs"):
+        tlp.dz_chunk_rows(16, 0, 2, 16)
+
+
+def _fwd_stats(T, d, V, dtype, seed=9):
+    h, w, y = _make(T, d, V, dtype, seed=seed)
+    logp, m, log_s, ent = tlp._logprobs_fwd(h, w, y, 0.8, True)
+    g = torch.Generator().manual_seed(seed + 1)
+    return h, w, y, m, log_s, ent, torch.randn(T, generator=g), torch.randn(T, generator=g)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
+                                   pytest.param(torch.float16, id="fp16")])
+def test_dz_bits_do_not_depend_on_the_chunking(dtype):
+    """Every row of dz comes out the same bits whatever chunk (and position in it) computes it,
+    including chunks that are not a multiple of BLOCK_T (16 in the interpreter)."""
+    T, d, V = 63, 48, 200
+    h, w, y, m, log_s, ent, g, ge = _fwd_stats(T, d, V, dtype)
+    cfg = tlp._config(dtype, T, V, h.device, backward=True)
+    outs = []
+    for C in (T, 5, 17, 32):
+        dz = torch.empty((T, V), dtype=dtype)
+        for t0 in range(0, T, C):
+            t1 = min(t0 + C, T)
+            chunk = torch.empty((C, V), dtype=dtype)
+            tlp._dz_chunk(h, w, y, m, log_s, g, ent, ge, 1 / 0.8, t0, t1, chunk, cfg)
+            dz[t0:t1] = chunk[:t1 - t0]
+        outs.append(dz)
+    for C, dz in zip((5, 17, 32), outs[1:]):
+        assert torch.equal(dz, outs[0]), f"chunks of {C} rows changed dz"
+
+
+@pytest.mark.parametrize("C", [3, 7, 16, 40, 63])
+def test_backward_matches_reference_at_any_chunk_size(monkeypatch, C):
+    """dh through logp and entropy at forced chunk sizes (3 rows, not a multiple of BLOCK_T, one
+    chunk for all rows); dz @ W is cuBLAS's / MKL's GEMM, whose bits may depend on C."""
+    monkeypatch.setattr(tlp, "dz_chunk_rows", lambda *args, **kwargs: C)
+    T, d, V = 63, 48, 200
+    h, w, y = _make(T, d, V, torch.float32, seed=10)
+    g = torch.Generator().manual_seed(11)
+    g_logp, g_ent = torch.randn(T, generator=g), torch.randn(T, generator=g)
+    _, _, dh = _run(token_logprobs_triton, h, w, y, 0.8, True, g_logp, g_ent)
+    _, _, ref = _run(token_logprobs_naive, h, w, y, 0.8, True, g_logp.double(), g_ent.double(),
+                     dtype=torch.float64)
+    assert_close(dh, ref, torch.float32, f"dh with {C}-row chunks")
+
+
+# --- forward program order -------------------------------------------------------------------
+
+@triton.jit
+def _order_probe(out_ptr, n_t, n_s, GROUP_T: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_t, pid_s = tlp._grouped_pid(pid, n_t, n_s, GROUP_T)
+    tl.store(out_ptr + 2 * pid, pid_t)
+    tl.store(out_ptr + 2 * pid + 1, pid_s)
+
+
+@pytest.mark.parametrize("n_t,n_s,group", [
+    pytest.param(40, 9, 16, id="GPU-group-16-partial-last"),
+    pytest.param(7, 3, 3, id="partial-last-group"),
+    pytest.param(2, 5, 16, id="fewer-T-blocks-than-a-group"),
+    pytest.param(5, 1, 1, id="group-1"),
+])
+def test_grouped_order_visits_every_tile_once(n_t, n_s, group):
+    out = torch.full((n_t * n_s, 2), -1, dtype=torch.int32)
+    _order_probe[(n_t * n_s,)](out, n_t, n_s, GROUP_T=group)
+    pairs = {(int(t), int(s)) for t, s in out.tolist()}
+    assert pairs == {(t, s) for t in range(n_t) for s in range(n_s)}
+    # Inside a full group, consecutive programs walk T blocks of one split: they share its W tiles.
+    if n_t >= group:
+        assert out[:group, 1].eq(0).all() and out[:group, 0].tolist() == list(range(group))
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
+                                   pytest.param(torch.float16, id="fp16")])
+def test_forward_bits_do_not_depend_on_program_order(monkeypatch, dtype):
+    """GROUP_T changes only which program computes which tile: the same bits, and the reference's
+    values, for one group per T block, a partial last group, and one group for all."""
+    T, d, V = 63, 48, 200  # 4 T blocks x 4 V splits in the interpreter
+    h, w, y = _make(T, d, V, dtype, seed=12)
+    config = tlp._config
+    outs = []
+    for group in (1, 3, 4, 16):
+        monkeypatch.setattr(tlp, "_config", lambda *a, g=group, **k: {**config(*a, **k), "GROUP_T": g})
+        outs.append(token_logprobs_triton(h, w, y, temperature=0.9, return_entropy=True))
+    ref = token_logprobs_naive(h.double(), w.double(), y, temperature=0.9, return_entropy=True)
+    for (logp, ent) in outs[1:]:
+        assert torch.equal(logp, outs[0][0]) and torch.equal(ent, outs[0][1])
+    assert_close(outs[0][0], ref[0], dtype, "logp")
+    assert_close(outs[0][1], ref[1], dtype, "entropy")
+
+
 # --- GPU: compiled kernels, bf16, production tile sizes -------------------------------------
 
 GPU_CASES = [
     pytest.param(300, 256, 5003, 1.0, torch.bfloat16, id="bf16-V5003"),
     pytest.param(513, 320, 4096, 0.7, torch.float16, id="fp16-temp0.7"),
     pytest.param(257, 192, 3001, 1.0, torch.float32, id="fp32-ieee"),
+    pytest.param(1100, 64, 151936, 1.0, torch.bfloat16, id="bf16-V151936-3-dz-chunks"),  # C = 512
 ]
 
 

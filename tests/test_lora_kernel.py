@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from helpers import TOL, assert_close, rel_rms
-from lora_engine.kernels.lora import LoRALayout, lora_linear_naive, lora_linear_triton
+from lora_engine.kernels.lora import LoRALayout, Routing, lora_linear_naive, lora_linear_triton, token_chunk_rows
+from lora_engine.kernels.lora import triton_lora
 from lora_engine.engine.routing import build_routing, routing_from_token_ids
 
 CASES = [
@@ -129,10 +130,110 @@ def test_bad_input_raises_value_error(fn, case, match):
             fn(x[:-1], w, bias, la, lb, layout, routing)
 
 
+# --- weight gradients split over token chunks ---------------------------------------------------
+
+@pytest.mark.parametrize("rank,rows", [
+    pytest.param(1, 1024, id="rank1"), pytest.param(16, 1024, id="rank16"),
+    pytest.param(129, 1088, id="rank129-rounds-up-to-BLOCK_T"), pytest.param(256, 2048, id="rank256"),
+    pytest.param(512, 4096, id="rank512"),
+])
+def test_token_chunk_rows_rule(rank, rows):
+    assert token_chunk_rows(rank, 64) == rows
+
+
+@pytest.mark.parametrize("rank", [16, 64, 256])
+def test_one_adapter_at_qwen3_8b_shapes_fills_132_sms(rank):
+    """T=16384 tokens of one adapter, K=4096: at least 4 wgrad programs per SM of an H100/H200
+    (before the split: 64 to 256 programs, each looping over all 16k rows)."""
+    T, K = 16384, 4096
+    layout = LoRALayout((rank,), (1.0,))
+    routing = routing_from_token_ids(torch.zeros(T, dtype=torch.long), 1)
+    ch = triton_lora._chunks(layout, routing)
+    block_r = triton_lora._block_r(rank)
+    programs = ch.chunk_seg.numel() * -(-rank // block_r) * (K // triton_lora.BLOCK_K)
+    assert programs >= 4 * 132
+    assert ch.part_rows * K * 4 <= T * K * 2 / 4  # fp32 partials <= 1/4 of the bf16 input
+
+
+def test_token_chunks_table():
+    """Segments of 5, 0 (empty) and 2 rows in chunks of 2: split segments own packed partial rows."""
+    routing = Routing(num_tokens=7, token_idx=torch.arange(7), seg_start=(0, 5, 5, 7), seg_adapter=(0, 1, 2))
+    ch = routing.token_chunks((2, 2, 2), (3, 1, 4))
+    assert ch.chunk_seg.tolist() == [0, 0, 0, 2]
+    assert ch.chunk_start.tolist() == [0, 2, 4, 5] and ch.chunk_end.tolist() == [2, 4, 5, 7]
+    assert ch.chunk_prow.tolist() == [0, 3, 6, -1]  # rank-3 chunks at rows 0, 3, 6; the 1-chunk segment direct
+    assert ch.red_seg.tolist() == [0] and ch.red_prow.tolist() == [0] and ch.red_n.tolist() == [3]
+    assert ch.part_rows == 9
+
+
+def _check_against_reference(inputs, dtype, seed=1):
+    T, N = inputs[0].shape[0], inputs[1].shape[0]
+    grad_out = torch.randn(T, N, generator=torch.Generator().manual_seed(seed))
+    ref_inputs = [t.double() if torch.is_tensor(t) else t for t in inputs]
+    ref = _run(lora_linear_naive, *ref_inputs, grad_out.double())
+    got = _run(lora_linear_triton, *inputs, grad_out.to(dtype))
+    for name, g, r in zip(["y", "dx", "dA", "dB"], got, ref):
+        assert_close(g, r.to(g.dtype), dtype, name)
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("rows", [pytest.param(3, id="chunks-of-3"), pytest.param(5, id="chunks-of-5")])
+@pytest.mark.parametrize("T,K,N,ranks,pattern", [c for c in CASES if c.values[4] != "all-base"])
+def test_forced_token_chunks_match_reference(monkeypatch, T, K, N, ranks, pattern, rows, dtype):
+    """Tiny chunks (not multiples of BLOCK_T=64) so that every test shape splits its segments; the
+    long-segment test below has chunks of 1024 rows, the GPU rule."""
+    monkeypatch.setattr(triton_lora, "token_chunk_rows", lambda rank, block_t: rows)
+    inputs = _make(T, K, N, ranks, pattern, dtype, "cpu")
+    assert triton_lora._chunks(inputs[5], inputs[6]).red_seg.numel() > 0, "no segment was split"
+    _check_against_reference(inputs, dtype)
+
+
+def _long_adapter_inputs(dtype, with_other=True):
+    """Adapter 0 with 2,100 tokens (chunks of 1024, 1024, 52 under the GPU rule), adapter 1 absent,
+    adapter 2 with 70 tokens (one chunk), 30 base-only rows; rank 1 for adapter 0."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.cat([torch.zeros(2100, dtype=torch.long), torch.full((70,), 2), torch.full((30,), -1)])
+    if not with_other:
+        ids = ids[:2100]
+    T, K, N, ranks = ids.numel(), 24, 20, (1, 3, 16)
+    x = torch.randn(2200, K, generator=g)[:T]
+    w = torch.randn(N, K, generator=g) / K ** 0.5
+    bias = torch.randn(N, generator=g)
+    la = torch.randn(sum(ranks), K, generator=g) / K ** 0.5
+    lb = torch.randn(N, sum(ranks), generator=g)
+    layout = LoRALayout(ranks, [2.0 / r ** 0.5 for r in ranks])
+    cast = lambda t: t.to(dtype)
+    return cast(x), cast(w), cast(bias), cast(la), cast(lb), layout, routing_from_token_ids(ids, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_long_segment_under_the_gpu_rule_matches_reference(dtype):
+    inputs = _long_adapter_inputs(dtype)
+    assert triton_lora._chunks(inputs[5], inputs[6]).red_n.tolist() == [3]
+    _check_against_reference(inputs, dtype)
+
+
+def test_chunked_gradients_deterministic_and_isolated():
+    """Same bits run to run; adapter 0's dA, dB the same bits with or without adapter 2's tokens
+    in the batch (chunk sizes depend on an adapter's own rank and tokens only)."""
+    both = _long_adapter_inputs(torch.float32)
+    alone = _long_adapter_inputs(torch.float32, with_other=False)
+    g = torch.randn(2200, 20, generator=torch.Generator().manual_seed(4))
+    a = _run(lora_linear_triton, *both, g[:2200])
+    b = _run(lora_linear_triton, *both, g[:2200])
+    for ta, tb in zip(a, b):
+        assert torch.equal(ta, tb)
+    c = _run(lora_linear_triton, *alone, g[:2100])
+    assert torch.equal(a[2][:1], c[2][:1]) and torch.equal(a[3][:, :1], c[3][:, :1])
+    assert torch.count_nonzero(c[2][1:]) == 0  # adapters without tokens: exactly zero
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("T,K,N,ranks,pattern", CASES + [
     pytest.param(4096, 1024, 3072, (1, 2, 4, 8, 16, 32, 64, 128, 256, 512), "random", id="large-mixed"),
+    pytest.param(3000, 256, 192, (16,), "single", id="one-adapter-3-token-chunks"),
 ])
 def test_triton_compiled_gpu(T, K, N, ranks, pattern, dtype):
     inputs = _make(T, K, N, ranks, pattern, dtype, "cuda")

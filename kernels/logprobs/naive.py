@@ -46,9 +46,16 @@ def check_logprobs_inputs(hidden, lm_head_weight, targets, temperature, triton):
         raise ValueError(f"temperature must be > 0, got {temperature}; use 1.0 for plain logits")
     if V == 0:
         raise ValueError("lm_head_weight has V=0 rows; pass the real LM head")
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= V):
-        raise ValueError(f"targets must be in [0, {V}); replace padding/ignore ids (e.g. -100) with 0 "
-                         "and mask those tokens out of the loss")
+    if targets.numel():
+        msg = (f"targets must be in [0, {V}); replace padding/ignore ids (e.g. -100) with 0 "
+               "and mask those tokens out of the loss")
+        in_range = ((targets >= 0) & (targets < V)).all()
+        if torch.compiler.is_compiling():
+            # Reading the answer on the host would break the compiled graph (and no CUDA graph
+            # can hold a host sync): assert on the device instead.
+            torch._assert_async(in_range, msg)
+        elif not bool(in_range):
+            raise ValueError(msg)
     return hidden.shape[:-1], d, V
 
 

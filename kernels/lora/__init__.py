@@ -1,6 +1,6 @@
 """Multi-adapter LoRA linear: ``y = x W^T + b + s_a (x A_a^T) B_a^T`` per adapter segment, and
 DoRA's per-column scale epilogue over its output."""
-from .layout import LoRALayout, Routing, check_column_scale_inputs, check_lora_inputs
+from .layout import LoRALayout, Routing, TokenChunks, check_column_scale_inputs, check_lora_inputs, token_chunk_rows
 from .naive import lora_column_scale_naive, lora_linear_naive
 
 
@@ -16,5 +16,6 @@ def lora_column_scale_triton(*args, **kwargs):
     return fn(*args, **kwargs)
 
 
-__all__ = ["LoRALayout", "Routing", "check_column_scale_inputs", "check_lora_inputs", "lora_column_scale_naive",
-           "lora_column_scale_triton", "lora_linear_naive", "lora_linear_triton"]
+__all__ = ["LoRALayout", "Routing", "TokenChunks", "check_column_scale_inputs", "check_lora_inputs",
+           "lora_column_scale_naive", "lora_column_scale_triton", "lora_linear_naive", "lora_linear_triton",
+           "token_chunk_rows"]

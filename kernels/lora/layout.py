@@ -7,8 +7,38 @@ their device copies cached, so the per-layer launch does no host->device traffic
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
+
+# Token chunks of the weight-gradient reductions (LoRA dA/dB, DoRA dg): a segment of one adapter
+# is cut into chunks of rows, each reduced by its own programs into fp32 partials, which a second
+# kernel sums in chunk order (deterministic, no atomics). One adapter at Qwen3-8B shapes (T=16384,
+# K=4096, rank 16) had 1 x 64 tile programs for 132 SMs, each looping over 16k rows; in chunks of
+# 1024 rows it has 16 x 64. The partials of a split segment take n_chunks*R*K*4 bytes, 2R/C of its
+# bf16 [T, K] input: C >= 8R keeps them under a quarter of it (32 MiB at rank 256, T=16384, K=4096).
+CHUNK_MIN_ROWS = 1024
+
+
+def token_chunk_rows(rank: int, block_t: int) -> int:
+    """Rows per token chunk for an adapter of ``rank`` (1 for DoRA's dg): max(1024, 8 * rank),
+    rounded up to a multiple of ``block_t``. It depends on the adapter's own rank only, so an
+    adapter's gradient is the same bits whichever other adapters share the batch."""
+    rows = max(CHUNK_MIN_ROWS, 8 * rank)
+    return -(-rows // block_t) * block_t
+
+
+class TokenChunks(NamedTuple):
+    """Chunks of every segment (int32 device tensors) and the reduction plan of split segments."""
+
+    chunk_seg: torch.Tensor    # [n] segment of each chunk
+    chunk_start: torch.Tensor  # [n] first routed row
+    chunk_end: torch.Tensor    # [n] one past the last routed row
+    chunk_prow: torch.Tensor   # [n] first partial row of the chunk, or -1: its segment is one chunk
+    red_seg: torch.Tensor      # [M] the segments cut into more than one chunk
+    red_prow: torch.Tensor     # [M] first partial row of the segment's first chunk
+    red_n: torch.Tensor        # [M] its number of chunks (chunk j at red_prow + j * width)
+    part_rows: int             # rows of the fp32 partial buffer
 
 
 @dataclass(eq=False)
@@ -66,7 +96,7 @@ class Routing:
     """Tokens grouped by adapter. ``token_idx[seg_start[s]:seg_start[s+1]]`` are the rows (of the
     flattened [T, K] input) of adapter ``seg_adapter[s]``; each present adapter has exactly one
     segment (a stable sort keeps the rows in order). Rows of adapter -1 (base only) are in no
-    segment. Build it with ``lora_engine.routing.build_routing``.
+    segment. Build it with ``lora_engine.engine.routing.build_routing``.
     """
 
     num_tokens: int
@@ -91,6 +121,13 @@ class Routing:
                                 torch.tensor(self.seg_adapter, dtype=torch.int32, device=dev))
         return self._dev["seg"]
 
+    def flag_tensor(self, flags: tuple[bool, ...]) -> torch.Tensor:
+        """int32 [A] on the routing's device, 1 where ``flags`` is true (DoRA's scaled slots), cached."""
+        key = ("flags", tuple(bool(f) for f in flags))
+        if key not in self._dev:
+            self._dev[key] = torch.tensor([int(f) for f in key[1]], dtype=torch.int32, device=self.token_idx.device)
+        return self._dev[key]
+
     def token_tiles(self, block_t: int):
         """(tile_seg int32 [n], tile_start int32 [n]): every BLOCK_T-row tile of every segment,
         so a launch has exactly as many programs as tiles, whatever the segment sizes."""
@@ -104,6 +141,33 @@ class Routing:
             dev = self.token_idx.device
             self._dev[key] = (torch.tensor(seg, dtype=torch.int32, device=dev),
                               torch.tensor(start, dtype=torch.int32, device=dev))
+        return self._dev[key]
+
+    def token_chunks(self, seg_rows: tuple[int, ...], seg_width: tuple[int, ...]) -> TokenChunks:
+        """Segment s cut into chunks of ``seg_rows[s]`` rows (the last one shorter; an empty
+        segment has none). Each chunk of a segment with more than one chunk owns ``seg_width[s]``
+        consecutive rows of the partial buffer (the adapter's rank; 1 for DoRA's dg). Cached."""
+        key = ("chunks", tuple(seg_rows), tuple(seg_width))
+        if key not in self._dev:
+            c_seg, c_start, c_end, c_prow, r_seg, r_prow, r_n = [], [], [], [], [], [], []
+            prow = 0
+            for s in range(self.num_segments):
+                t0, t1, rows = self.seg_start[s], self.seg_start[s + 1], seg_rows[s]
+                n = -(-(t1 - t0) // rows)
+                if n > 1:
+                    r_seg.append(s)
+                    r_prow.append(prow)
+                    r_n.append(n)
+                for start in range(t0, t1, rows):
+                    c_seg.append(s)
+                    c_start.append(start)
+                    c_end.append(min(start + rows, t1))
+                    c_prow.append(prow if n > 1 else -1)
+                    prow += seg_width[s] if n > 1 else 0
+            dev = self.token_idx.device
+            cols = (c_seg, c_start, c_end, c_prow, r_seg, r_prow, r_n)
+            self._dev[key] = TokenChunks(*(torch.tensor(c, dtype=torch.int32, device=dev) for c in cols),
+                                         part_rows=prow)
         return self._dev[key]
 
     def segments(self):

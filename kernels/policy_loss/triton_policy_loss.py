@@ -80,27 +80,6 @@ def _policy_bwd(logp, old, ref, mask, adv, ids, rows, counts, g_losses, cfg):
     return dlogp
 
 
-# --- autograd -----------------------------------------------------------------------------
-
-
-class _PolicyLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logp, old, ref, mask, adv, ids, A, cfg):
-        losses, metrics, rows, counts = _policy_fwd(logp, old, ref, mask, adv, ids, A, cfg)
-        ctx.save_for_backward(logp, old, ref, mask, adv, ids, rows, counts)
-        ctx.cfg = cfg
-        ctx.mark_non_differentiable(metrics)
-        return losses, metrics
-
-    @staticmethod
-    def backward(ctx, g_losses, g_metrics):
-        logp, old, ref, mask, adv, ids, rows, counts = ctx.saved_tensors
-        # Upstream grads of losses.sum() arrive as a stride-0 expanded view; the kernel indexes them.
-        g = g_losses.float().contiguous()
-        dlogp = _policy_bwd(logp, old, ref, mask, adv, ids, rows, counts, g, ctx.cfg)
-        return dlogp, None, None, None, None, None, None, None
-
-
 # --- public function ----------------------------------------------------------------------
 
 
@@ -174,7 +153,9 @@ def policy_loss_triton(logp, old_logp, advantages, mask, adapter_ids, ref_logp=N
                k_neg=opt["vespo_k_neg"], lam_neg=opt["vespo_lambda_neg"],
                Lc=float(Lc))  # a float: n * Lc in fp32, and no int specialisation / overflow
     mask_f = mask if mask.dtype == torch.float32 else mask.to(torch.float32)
-    losses, metrics = _PolicyLoss.apply(
+    from .custom_op import policy_loss_apply  # the custom op wraps this module's launchers
+
+    losses, metrics = policy_loss_apply(
         logp.contiguous(), old_logp.contiguous(), ref_logp.contiguous() if ref_logp is not None else None,
         mask_f.contiguous(), advantages.contiguous(), adapter_ids.contiguous(), A, cfg)
     return losses, {k: metrics[i] for i, k in enumerate(METRIC_NAMES)}
