@@ -169,22 +169,32 @@ def test_wrapped_model_is_one_always_on_adapter():
         wrap_for_trl(model, spec)
 
 
-def test_dora_through_the_wrapper_sees_every_update():
-    """No-grad forwards (generation) of a DoRA adapter follow in-place updates, and the never-ending
-    routing context keeps no memo (it would grow by one norm per module per step)."""
+def test_dora_through_the_wrapper_sees_every_update(monkeypatch):
+    """No-grad forwards (generation) of a DoRA adapter compute each module's norm once, follow
+    in-place updates, and the never-ending routing context's memo stays bounded."""
+    from lora_engine.engine import methods
+
+    calls = []
+    real = methods.dora_norm
+    monkeypatch.setattr(methods, "dora_norm", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     model = wrap_for_trl(_base(), le.AdapterSpec(rank=2, method="dora"), target_modules=TARGETS)
     ids = torch.randint(5, len(TOK), (2, 6), generator=torch.Generator().manual_seed(2))
+    n_modules = len(model.lora_engine.bank.modules_of(0))
     with torch.no_grad():
-        model(ids)
+        for _ in range(3):  # three decode steps: one norm per module, reused
+            model(ids)
+        assert len(calls) == n_modules
         _randomize_adapter(model)
         after = model(ids).logits
+        assert len(calls) == 2 * n_modules, "an in-place update must recompute the norms"
     engine = le.MultiLoRAModel(_base(), [le.AdapterSpec(rank=2, method="dora")], target_modules=TARGETS)
     with torch.no_grad():
         for p, q in zip(engine.bank.named_parameters_of(0).values(),
                         model.lora_engine.bank.named_parameters_of(0).values()):
             p.copy_(q)
         assert_close(after, engine(ids, adapter_ids=torch.zeros(2, dtype=torch.long)).logits, torch.float32, "logits")
-    assert model.lora_engine.state.memo == {}
+    memo = model.lora_engine.state.memo
+    assert len([k for k in memo if k[0] == "dora"]) == n_modules, "one norm per module, the newest"
 
 
 def test_two_step_training_run_and_peft_checkpoint(tmp_path):

@@ -302,3 +302,25 @@ def test_vllm_accepts_exported_dir(tmp_path):
     engine.save_adapter(0, tmp_path)
     helper = PEFTHelper.from_local_dir(str(tmp_path), max_position_embeddings=128)
     helper.validate_legal(LoRAConfig(max_lora_rank=le_vllm.vllm_max_lora_rank([12])))
+
+
+def test_vllm_top_p_log_probs_are_recomputed_over_the_full_distribution():
+    """vLLM renormalises processed log-probs over the nucleus when top_p < 1: VLLMRollout refuses
+    to return them without an engine, and recompute_sampling_logp gives the temperature-scaled
+    log-probs rollout.generate reports."""
+    from lora_engine.rl.rollout import generate
+
+    engine = le.MultiLoRAModel(tiny_model("qwen3"), [le.AdapterSpec(rank=2, seed=0), le.AdapterSpec(rank=4, seed=1)])
+    with torch.no_grad():
+        for p in engine.bank.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ro = generate(engine, [[5, 6, 7], [8, 9]], [0, 1], eos_id=1, pad_id=0, max_new_tokens=5, temperature=0.7,
+                  top_p=0.8, seeds={0: 1, 1: 2})
+    got = le_vllm.recompute_sampling_logp(engine, ro, temperature=0.7)
+    mask = ro.completion_mask.bool()
+    assert_close(got[mask], ro.sampling_logp[mask], torch.float32, "sampling log-probs")
+    assert bool((got[~mask] == 0).all())
+    rollout = le_vllm.VLLMRollout.__new__(le_vllm.VLLMRollout)  # no vLLM here: the check comes first
+    rollout.requests = {0: object()}
+    with pytest.raises(ValueError, match="renormalised over the nucleus"):
+        rollout.generate([[5]], [0], eos_id=1, pad_id=0, max_new_tokens=2, top_p=0.9)

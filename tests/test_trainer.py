@@ -342,3 +342,24 @@ def test_dropped_groups_leave_every_normaliser(tmp_path, loss_type):
     assert any(float(g.abs().sum()) > 0 for g in want)
     for j, (got, w) in enumerate(zip(grads[0][0], want)):
         assert_close(got, w, torch.float32, f"tensor {j}")
+
+
+def test_float16_needs_loss_scaling_and_the_scale_does_not_change_the_update(tmp_path):
+    with pytest.raises(ValueError, match="loss_scale = 1024"):
+        config_from_dict({"dtype": "float16", "adapters": [{"rank": 1}]})
+    assert config_from_dict({"dtype": "float16", "loss_scale": 1024, "adapters": [{"rank": 1}]}).loss_scale == 1024
+    plain, scaled = _trainer(tmp_path / "p", inner_updates=1), _trainer(tmp_path / "s", inner_updates=1, loss_scale=1024)
+    g_plain, g_scaled = _capture_grads(plain), _capture_grads(scaled)
+    plain.step(0)
+    scaled.step(0)
+    for a in range(len(ADAPTERS)):
+        for got, want in zip(g_scaled[a][0], g_plain[a][0]):
+            assert_close(got, want, torch.float32, f"adapter {a}")
+
+
+def test_dtype_auto_is_fp32_on_a_cpu_and_bf16_on_cuda():
+    from lora_engine.rl.models import resolve_dtype
+
+    assert config_from_dict({"adapters": [{"rank": 1}]}).dtype == "auto"
+    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("auto", "cuda:0") == torch.bfloat16
+    assert resolve_dtype("float16", "cpu") == torch.float16

@@ -59,25 +59,33 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplie
 _ROUTING_CACHE = 8
 
 
+class _LatestMemo(dict):
+    """The bank's no-grad memo, keeping only the newest entry per slot.
+
+    Memo keys end in the weights' version counters (``("dora", module, adapter, vA, vB)``,
+    ``("packed", module, dtype, versions)``): an optimiser step bumps them, so older entries are
+    never read again. Keeping one entry per ``key[:3]`` bounds the memo by the number of modules
+    while generation still reuses each norm for every decoded token.
+    """
+
+    def __setitem__(self, key, value):
+        stale = [k for k in self if k[:3] == key[:3] and k != key]
+        for k in stale:
+            del self[k]
+        super().__setitem__(key, value)
+
+
 class _SingleAdapterRouting(RoutingState):
     """Routes every sequence of every batch to adapter 0 (``adapter_ids=None`` turns it off).
 
-    The routing context never ends (no ``use_adapters`` block), so its memo would never be
-    cleared: DoRA's no-grad norm cache would keep one [N] norm per module per optimiser step for
-    the whole run. ``memo`` is a fresh dict on every read instead (norms are recomputed).
+    The routing context never ends (no ``use_adapters`` block), so its memo is never cleared by
+    a context exit: it is a ``_LatestMemo`` instead, bounded by the number of modules.
     """
 
     def __init__(self):
         super().__init__()
         self.set(torch.zeros(1, dtype=torch.long), 1)
-
-    @property
-    def memo(self) -> dict:
-        return {}
-
-    @memo.setter
-    def memo(self, value) -> None:
-        pass
+        self.memo = _LatestMemo()
 
     def routing_for(self, batch: int, seq_len: int, device):
         key = (batch, seq_len, str(device))

@@ -133,7 +133,8 @@ class VLLMRollout:
         workdir: where adapters are written (default: a fresh temporary directory).
         llm_kwargs: passed to ``vllm.LLM`` (``gpu_memory_utilization``, ``dtype``...).
             ``logprobs_mode`` defaults to ``"processed_logprobs"`` so the returned log-probs are
-            of the temperature-scaled distribution, as ``rollout.generate`` returns.
+            of the temperature-scaled distribution, as ``rollout.generate`` returns (with top_p = 1;
+            ``generate`` recomputes them for top_p < 1).
     """
 
     def __init__(self, model_path, max_loras: int, max_lora_rank: int, workdir=None, **llm_kwargs):
@@ -168,14 +169,21 @@ class VLLMRollout:
 
     def generate(self, prompt_ids: list[list[int]], adapter_ids: list[int], *, eos_id: int, pad_id: int,
                  max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-                 seeds: dict[int, int] | None = None) -> Rollouts:
+                 seeds: dict[int, int] | None = None, engine=None) -> Rollouts:
         """Sample one completion per prompt with its own adapter (-1 = base); see ``rollout.generate``.
 
         Each row gets its own vLLM seed, ``seeds[adapter] * 1_000_003 + k`` for the k-th row of that
         adapter, so an adapter's samples do not depend on the other adapters in the batch.
+        With ``top_p < 1`` vLLM's processed log-probs are renormalised over the nucleus, not the
+        temperature-scaled distribution ``rollout.generate`` returns: pass ``engine`` (the
+        ``MultiLoRAModel`` that was synced) and they are recomputed in fp32 with
+        ``recompute_sampling_logp``.
         """
         if len(prompt_ids) != len(adapter_ids):
             raise ValueError(f"{len(prompt_ids)} prompts but {len(adapter_ids)} adapter ids: give one per prompt")
+        if top_p < 1 and not greedy and engine is None:
+            raise ValueError(f"top_p={top_p} < 1: vLLM's log-probs are renormalised over the nucleus; pass "
+                             "engine=<the synced MultiLoRAModel> to recompute them, or sample with top_p=1")
         missing = sorted({a for a in adapter_ids if a != -1 and a not in self.requests})
         if missing:
             raise ValueError(f"adapters {missing} were never synced: call sync(engine) after each optimizer step")
@@ -199,7 +207,22 @@ class VLLMRollout:
             completions.append(toks)
             logps.append([float(step[t].logprob) for step, t in zip(c.logprobs or [], toks)])
             truncated.append(c.finish_reason == "length")
-        return _to_rollouts(prompt_ids, adapter_ids, completions, logps, truncated, pad_id)
+        ro = _to_rollouts(prompt_ids, adapter_ids, completions, logps, truncated, pad_id)
+        if top_p < 1 and not greedy:
+            ro.sampling_logp = recompute_sampling_logp(engine, ro, temperature)
+        return ro
+
+
+@torch.no_grad()
+def recompute_sampling_logp(engine, ro: Rollouts, temperature: float) -> torch.Tensor:
+    """[B, C] fp32 log-probs of the sampled tokens under each row's adapter and the
+    temperature-scaled distribution (what ``rollout.generate`` reports), 0 after the end."""
+    device = next(engine.model.parameters()).device
+    P = ro.prompt_len
+    score = torch.nn.functional.pad(ro.completion_mask, (P, 0)).to(device)
+    logp = engine.sequence_logprobs(ro.input_ids.to(device), ro.attention_mask.to(device),
+                                    ro.adapter_ids.to(device), score, temperature=temperature)
+    return logp[:, P:].float().cpu()
 
 
 def _to_rollouts(prompt_ids, adapter_ids, completions, logps, truncated, pad_id) -> Rollouts:

@@ -43,7 +43,7 @@ class TrainConfig:
     model: str = "tiny"                        # "tiny" (built in, CPU-sized) or a local Hugging Face folder
     adapters: tuple[AdapterSpec, ...] = ()     # one [[adapters]] table per adapter (AdapterSpec fields)
     target_modules: str | tuple[str, ...] = "all-linear"  # linear layers adapters may use
-    dtype: str = "float32"                     # float32 | bfloat16 | float16: base weights and activations
+    dtype: str = "auto"                        # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     device: str = "auto"                       # "auto" (CUDA if present), "cpu", "cuda", "cuda:1", ...
     # --- rollout ------------------------------------------------------------------------------
     task: str = "tiny"                         # "tiny" or "reasoning_gym:<dataset>"
@@ -76,6 +76,7 @@ class TrainConfig:
     inner_updates: int = 1                     # optimiser steps per rollout batch (> 1: PPO-style reuse)
     micro_batch_size: int = 0                  # sequences per forward/backward; 0 = the whole batch at once
     max_grad_norm: float = 1.0                 # per-adapter gradient clipping
+    loss_scale: float = 0.0                    # static loss scale (needed for float16: 1024 is typical); 0 = off
     # --- evaluation ---------------------------------------------------------------------------
     eval_problems: int = 200                   # held-out problems, greedy pass@1 per adapter
     eval_every: int = 0                        # steps between evaluations (0: start and end only)
@@ -123,6 +124,13 @@ class TrainConfig:
             raise ValueError(f"temperature must be > 0 for sampling, got {self.temperature}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.loss_scale < 0:
+            raise ValueError(f"loss_scale must be >= 0 (0 = off), got {self.loss_scale}")
+        if self.dtype == "float16" and not self.loss_scale:
+            # The fused log-prob backward keeps its dz buffer in the model dtype: at a DAPO mean over
+            # 16k tokens the upstream gradients are ~6e-5 and fp16 loses 1.6% of dh to underflow.
+            raise ValueError("float16 training underflows the gradients without loss scaling: set loss_scale = 1024, "
+                             "or use dtype = \"bfloat16\" (or \"auto\")")
 
     @property
     def loss_options(self) -> dict:

@@ -9,12 +9,19 @@ from pathlib import Path
 
 import torch
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def resolve_device(device: str = "auto") -> str:
     """``"auto"``: CUDA when available, else the CPU; anything else as given."""
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """``"auto"``: bf16 on CUDA (the fp32 dot path runs at ~1/15 of bf16's speed there), fp32 on a CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
 
 
 def model_path(model: str, progress: bool = True) -> str:
@@ -28,15 +35,16 @@ def model_path(model: str, progress: bool = True) -> str:
     return str(model)
 
 
-def load_base(model: str, dtype: str = "float32", device: str = "auto", progress: bool = True):
+def load_base(model: str, dtype: str = "auto", device: str = "auto", progress: bool = True):
     """(model in eval mode on ``device``, tokenizer with a pad token) for ``model``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     path = model_path(model, progress=progress)
-    net = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    device = resolve_device(device)
+    net = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device))
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return net.to(resolve_device(device)).eval(), tokenizer
+    return net.to(device).eval(), tokenizer

@@ -161,10 +161,12 @@ class GRPOTrainer:
                     num_adapters=A, max_completion_length=cfg.max_new_tokens, **cfg.loss_options)
                 loss_den, tok_den = self._normalisers(ids_dev[idx], mask[idx], A)
                 w_loss, w_tok = loss_den / full_loss_den, tok_den / full_tok_den
-                (losses * w_loss).sum().backward()
+                (losses * w_loss).sum().mul(cfg.loss_scale or 1.0).backward()
                 total += losses.detach() * w_loss
                 part = {k: v * w_tok for k, v in m.items()}
                 metrics = part if metrics is None else {k: metrics[k] + part[k] for k in part}
+            if cfg.loss_scale:
+                self._unscale_grads(cfg.loss_scale)
             if metrics is None:  # every group dropped: nothing to learn from this batch
                 metrics = {k: torch.zeros(A, device=device) for k in METRIC_NAMES}
             for a in self.ids:
@@ -205,6 +207,12 @@ class GRPOTrainer:
             ids = torch.full_like(sub.adapter_ids, -1) if base else sub.adapter_ids
             out[idx] = self.token_logprobs(sub, ids)
         return out
+
+    def _unscale_grads(self, scale: float) -> None:
+        """Undo the static loss scale before clipping (an overflow stays inf: that adapter skips)."""
+        for p in self.engine.bank.parameters():
+            if p.grad is not None:
+                p.grad.div_(scale)
 
     def _normalisers(self, ids: torch.Tensor, mask: torch.Tensor, A: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per adapter: cfg.loss_type's loss normaliser and the metrics' token count over these rows."""
