@@ -384,8 +384,10 @@ def test_forward_shares_the_base_forward_and_leaves_no_gradient():
     fb = b.forward_backward(batch, "importance_sampling")
     client.flush()
     assert len(calls) == 1
-    assert all(p.grad is None for p in a.parameters()) and all(p.grad is not None for p in b.parameters())
-    assert_close(fa.result().logprobs, b.forward(batch).result().logprobs, torch.float32, "same logprobs")
+    # a's rows share the packed LoRA matmul with b's, so its grads may exist, but hold zeros.
+    assert all(p.grad is None or not p.grad.any() for p in a.parameters())
+    assert all(p.grad is not None and p.grad.any() for p in b.parameters())
+    assert_close(fa.result().logprobs, a.forward(batch).result().logprobs, torch.float32, "same logprobs alone")
 
 
 def test_tinker_loss_config_errors():
