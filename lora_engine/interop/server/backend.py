@@ -7,7 +7,10 @@ forward/backward batch queues each request as that adapter's ``forward_backward`
 ``sampler_weights`` checkpoint is loaded into the bank once (least recently used ones are
 unloaded past ``max_sampler_adapters``; they reload from the store), an unnamed snapshot
 (``save_weights_and_get_sampling_client``) is kept in memory, the last ``snapshots_per_model``
-of each model. Only this thread touches the model.
+of each model, and only the newest stays loaded until an older one is sampled again. These
+caps keep the bank small: the LoRA layers' cost grows with the adapters in
+the bank (decoding 256 rows took 1.3 s with 4 adapters, 2.3 s with 64, on the 2-core CPU).
+Only this thread touches the model.
 """
 from __future__ import annotations
 
@@ -55,7 +58,7 @@ class SamplerInfo:
 
 class Backend:
     def __init__(self, model: str, store: Store, *, dtype: str = "float32", device: str = "auto",
-                 max_sampler_adapters: int = 64, snapshots_per_model: int = 16):
+                 max_sampler_adapters: int = 16, snapshots_per_model: int = 4):
         net, tokenizer = load_base(model, dtype=dtype, device=device)
         self.client = Client(net, tokenizer)
         self.engine, self.tokenizer, self.store = self.client.engine, tokenizer, store
@@ -184,6 +187,10 @@ class Backend:
         key = f"{mid}#snapshot-{p['seq_id']}"
         self._snapshots[key] = (handle.spec, peft_format.peft_state_dict_for(self.engine, handle.id))
         snaps = self._snaps_of.setdefault(mid, [])
+        for older in snaps:  # unloaded (the bank stays small), kept in memory for a late sample
+            i = self._loaded.pop(older, None)
+            if i is not None:
+                self.engine.remove_adapter(i)
         snaps.append(key)
         while len(snaps) > self.snapshots_per_model:
             self._forget(snaps.pop(0))

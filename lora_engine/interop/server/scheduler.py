@@ -137,6 +137,7 @@ class Scheduler:
         self._turn = 0
         self._cond = threading.Condition()
         self._stopping = False
+        self._paused = False
         self._thread = threading.Thread(target=self._loop, name="lora-engine-serve", daemon=True)
         self.stats: Counter = Counter()
 
@@ -148,6 +149,23 @@ class Scheduler:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join(timeout)
+
+    def pause(self) -> None:
+        """Start no new turn until ``resume`` (requests still queue): for maintenance, and for
+        tests that need several requests in one batch deterministically."""
+        with self._cond:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    def queued(self) -> int:
+        """Requests waiting: sequenced ops (a gap's later ops included), control tasks, samples."""
+        with self._cond:
+            return (sum(len(mq.pending) for mq in self.models.values()) + len(self._control)
+                    + sum(len(q) for q in self._samples.values()))
 
     # -- submitting (event loop thread) ------------------------------------------------------------
     def add_model(self, model_id: str, session_id: str) -> ModelQueue:
@@ -234,7 +252,7 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not self._has_work():
+                while not self._stopping and (self._paused or not self._has_work()):
                     self._cond.wait(timeout=1.0)
                 if self._stopping:
                     return
@@ -244,18 +262,24 @@ class Scheduler:
                 heads = self._pop_heads()
                 batch = self._pop_batch()
                 samples = self._pop_samples()
+            t0 = time.perf_counter()
             for task in control + heads:
                 self._run(task, lambda t=task: self.backend.run_one(t))
+            t1 = time.perf_counter()
             if batch:
                 self.stats["fwdbwd_batches"] += 1
                 self.stats["fwdbwd_requests"] += len(batch)
                 self.stats["max_models_per_batch"] = max(self.stats["max_models_per_batch"],
                                                          len({mid for mid, _ in batch}))
                 self._run_many([t for _, t in batch], lambda: self.backend.run_fwdbwd(batch))
+            t2 = time.perf_counter()
             if samples:
                 self.stats["sample_batches"] += 1
                 self.stats["sample_requests"] += len(samples)
                 self._run_many(samples, lambda: self.backend.run_samples(samples))
+            t3 = time.perf_counter()
+            for name, dt in (("other_s", t1 - t0), ("fwdbwd_s", t2 - t1), ("sample_s", t3 - t2)):
+                self.stats[name] = round(self.stats[name] + dt, 3)
 
     def _pop_heads(self) -> list[Task]:
         out = []

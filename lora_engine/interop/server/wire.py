@@ -111,6 +111,9 @@ def loss_config_of(msg, loss: str) -> dict:
                              f"{sorted(LOSS_CONFIG[loss]) or 'none'}")
     if not all(np.isfinite(v) for v in cfg.values()):
         raise WireError(400, "loss_fn_config values must be finite numbers")
+    missing = [k for k, default in LOSS_CONFIG[loss].items() if default is None and k not in cfg]
+    if missing:
+        raise WireError(400, f"loss {loss!r} needs loss_config {missing} (e.g. {{'beta': 0.05}})")
     return cfg
 
 
