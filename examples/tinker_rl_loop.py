@@ -77,7 +77,8 @@ def train_one(sc, rank: int, seed: int, args, results: dict) -> None:
         if datums:
             tc.forward_backward(datums, "ppo", {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2})
             tc.optim_step(types.AdamParams(learning_rate=args.lr, beta1=0.9, beta2=0.999, grad_clip_norm=1.0))
-        sampler = tc.save_weights_and_get_sampling_client().result()  # waits for the step: the next samples are on-policy
+        # Ordered after the step by seq_id: the next samples are on-policy.
+        sampler = tc.save_weights_and_get_sampling_client().result()
         if step % 10 == 0 or step == args.steps - 1:
             print(f"rank {rank:>2} step {step:>3}: reward {reward_sum / (args.prompts * args.samples):.3f}", flush=True)
     after = accuracy(sampler, tok, task, args.eval, args.max_tokens)

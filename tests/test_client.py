@@ -381,7 +381,7 @@ def test_forward_shares_the_base_forward_and_leaves_no_gradient():
     calls = _count_base_forwards(client)
     batch = _tinker_batch(2, 6, seed=22)
     fa = a.forward(batch, "cross_entropy")
-    fb = b.forward_backward(batch, "importance_sampling")
+    b.forward_backward(batch, "importance_sampling")
     client.flush()
     assert len(calls) == 1
     # a's rows share the packed LoRA matmul with b's, so its grads may exist, but hold zeros.

@@ -211,6 +211,33 @@ def test_clients_of_different_ranks_and_losses_share_one_base_forward(served):
         assert [loss_of(tc, ce) for tc in clients[1:]] == others, "and nobody else's"
 
 
+def test_sampling_params_are_per_request_in_one_decoding_batch(served):
+    with sdk(served) as sc:
+        tc = sc.create_lora_training_client(base_model=served.model, rank=2).result()
+        tok = tc.get_tokenizer()
+        sampler = tc.save_weights_and_get_sampling_client().result()
+        prompt = types.ModelInput.from_ints(tok.encode("12+34=", add_special_tokens=False))
+        asks = {"greedy": (1, types.SamplingParams(max_tokens=6, temperature=0.0, stop=[])),
+                "top_k=1": (2, types.SamplingParams(max_tokens=6, temperature=1.5, top_k=1, stop=[])),
+                "no_stop": (3, types.SamplingParams(max_tokens=5, temperature=1.0, stop=[], seed=1)),
+                "stop_str": (2, types.SamplingParams(max_tokens=6, temperature=1.0, stop=["1"], seed=2))}
+        before = _stats(served)["queue"].get("sample_batches", 0)
+        served.server.scheduler.pause()
+        try:
+            futures = {k: sampler.sample(prompt, n, p) for k, (n, p) in asks.items()}
+            _wait_queued(served, len(asks))
+        finally:
+            served.server.scheduler.resume()
+        out = {k: f.result().sequences for k, f in futures.items()}
+        assert _stats(served)["queue"]["sample_batches"] == before + 1, "four requests, one decoding batch"
+        greedy = out["greedy"][0].tokens
+        assert len(greedy) == 6 and all(s.tokens == greedy for s in out["top_k=1"]), "top_k=1 is greedy"
+        assert all(len(s.tokens) == 5 and s.stop_reason == "length" for s in out["no_stop"])
+        for s in out["stop_str"]:
+            text = tok.decode(s.tokens)
+            assert s.stop_reason == "length" or ("1" in text and "1" not in tok.decode(s.tokens[:-1])), text
+
+
 def test_auth_needs_the_servers_key(served):
     with pytest.raises(tinker.AuthenticationError):
         tinker.ServiceClient(base_url=served.url, api_key="tml-wrong-key-000000").create_lora_training_client(

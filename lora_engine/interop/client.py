@@ -37,7 +37,8 @@ from safetensors.torch import load_file, save_file
 
 from lora_engine import ops
 from lora_engine.engine import methods, peft_format
-from lora_engine.interop.batches import LOSS_CONFIG, LOSSES, Batch, ForwardBackwardOutput, Samples, token_loss  # noqa: F401
+from lora_engine.interop.batches import (  # noqa: F401  (LOSSES, Samples: part of this module's API)
+    LOSS_CONFIG, LOSSES, Batch, ForwardBackwardOutput, Samples, token_loss)
 from lora_engine.engine.spec import AdapterSpec
 from lora_engine.rl.advantages import group_advantages
 from lora_engine.engine.model import MultiLoRAModel

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 
 from lora_engine.interop.server import schemas as S
 from lora_engine.interop.server import wire

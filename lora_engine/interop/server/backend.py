@@ -138,7 +138,7 @@ class Backend:
                 self.engine.remove_adapter(handle.id)
             for key in self._snaps_of.pop(mid, []):
                 self._forget(key)
-        for sid in [s for s, info in self.samplers.items() if info.session_id == session_id]:
+        for sid in [s for s, info in list(self.samplers.items()) if info.session_id == session_id]:
             del self.samplers[sid]
         return ("json", {})
 
@@ -214,8 +214,9 @@ class Backend:
             return self._loaded[key]
         if info.snapshot is not None:
             if key not in self._snapshots:
-                raise UserError("this sampling client's weights snapshot was superseded (the server keeps the last "
-                                f"{self.snapshots_per_model} per model): call save_weights_and_get_sampling_client again")
+                raise UserError("this sampling client's weights snapshot was superseded (the server keeps the "
+                                f"last {self.snapshots_per_model} per model): call save_weights_and_get_sampling_client "
+                                "again")
             spec, tensors = self._snapshots[key]
             i = self.engine.add_adapter(spec)
             peft_format.load_adapter_state(self.engine, i, tensors)

@@ -104,7 +104,8 @@ def add_routes(app, server: Server) -> None:  # noqa: C901 - one flat list of en
         m = server.model(body.model_id)
         return {"type": "get_info", "model_id": m["model_id"], "is_lora": True, "lora_rank": m["rank"],
                 "model_name": backend.model_name,
-                "model_data": {"arch": backend.arch, "model_name": backend.model_name, "tokenizer_id": backend.model_dir}}
+                "model_data": {"arch": backend.arch, "model_name": backend.model_name,
+                               "tokenizer_id": backend.model_dir}}
 
     @app.post(f"{API}/forward_backward")
     async def forward_backward(request: Request):

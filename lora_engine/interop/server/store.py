@@ -65,8 +65,8 @@ def tinker_path(model_id: str, kind: str, name: str) -> str:
 def parse_path(path: str) -> tuple[str, str, str]:
     """``tinker://<model_id>/<kind>/<name>`` -> (model_id, kind, name), validated."""
     if not isinstance(path, str) or not path.startswith(SCHEME):
-        raise StoreError(400, f"path {path!r} is not a tinker:// path: use the path save_state or "
-                              "save_weights_for_sampler returned (tinker://<model_id>/<weights|sampler_weights>/<name>)")
+        raise StoreError(400, f"path {path!r} is not a tinker:// path: use the path save_state or save_weights_"
+                              "for_sampler returned (tinker://<model_id>/<weights|sampler_weights>/<name>)")
     parts = path[len(SCHEME):].split("/")
     if len(parts) != 3 or parts[1] not in KINDS:
         raise StoreError(400, f"path {path!r} must be tinker://<model_id>/<weights|sampler_weights>/<name>")

@@ -146,7 +146,8 @@ def to_fwdbwd(msg, *, vocab_size: int, max_len: int, max_datums: int, pad_id: in
     for i, d in enumerate(msg.data):
         kinds = [c.WhichOneof("chunk") for c in d.model_input]
         if any(k != "encoded_text" for k in kinds):
-            raise WireError(400, f"datum {i}: only encoded_text chunks are served (got {kinds}); this server is text-only")
+            raise WireError(400, f"datum {i}: only encoded_text chunks are served (got {kinds}): "
+                                 "this server is text-only")
         if any(len(c.encoded_text.tokens) % 4 for c in d.model_input):
             raise WireError(400, f"datum {i}: encoded_text.tokens must be little-endian int32 bytes")
         x = np.concatenate([np.frombuffer(c.encoded_text.tokens, "<i4") for c in d.model_input] or [np.zeros(0, "<i4")])
@@ -198,7 +199,7 @@ def prompt_tokens(model_input: dict, vocab_size: int) -> list[int]:
     """The token ids of a JSON ``ModelInput`` (``{"chunks": [{"type": "encoded_text", "tokens"}]}``)."""
     chunks = model_input.get("chunks") if isinstance(model_input, dict) else None
     if not isinstance(chunks, list):
-        raise WireError(400, "prompt must be a ModelInput: {\"chunks\": [{\"type\": \"encoded_text\", \"tokens\": [...]}]}")
+        raise WireError(400, 'prompt must be a ModelInput: {"chunks": [{"type": "encoded_text", "tokens": [...]}]}')
     out: list[int] = []
     for c in chunks:
         if not isinstance(c, dict) or c.get("type", "encoded_text") != "encoded_text":
