@@ -1,6 +1,7 @@
 """A bounded loopback load test: 8 SDK training clients x 50 pipelined calls (forward_backward
 with two losses, forward, optim_step, sample) against one server. Every future resolves exactly
-once, nothing stays pending, and the throughput is printed (run with -s to see it)."""
+once (through 408 "try again" re-polls too), nothing stays pending, and the throughput is printed
+(run with -s to see it)."""
 import threading
 import time
 
@@ -23,7 +24,8 @@ def model_dir(tmp_path_factory):
 
 def test_eight_clients_fifty_calls_every_future_once(model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("TINKER_TELEMETRY", "0")
-    with running(model_dir, tmp_path) as server, sdk(server) as sc:
+    # A 0.5 s long-poll hold: pipelined futures wait longer, so the SDK's 408 re-polls happen under load.
+    with running(model_dir, tmp_path, poll_hold_s=0.5) as server, sdk(server) as sc:
         clients = [sc.create_lora_training_client(base_model=model_dir, rank=2 ** (i % 6), seed=i).result()
                    for i in range(CLIENTS)]
         tok = clients[0].get_tokenizer()
@@ -70,4 +72,5 @@ def test_eight_clients_fifty_calls_every_future_once(model_dir, tmp_path, monkey
         print(f"\nload: {CLIENTS} clients x {CALLS} calls = {CLIENTS * CALLS} calls in {wall:.1f} s "
               f"({CLIENTS * CALLS / wall:.1f} calls/s); {queue['fwdbwd_requests']} forward(_backward)s in "
               f"{queue['fwdbwd_batches']} base passes (up to {queue['max_models_per_batch']} models each), "
-              f"{queue['sample_requests']} samples in {queue['sample_batches']} decoding batches")
+              f"{queue['sample_requests']} samples in {queue['sample_batches']} decoding batches; "
+              f"{fut.get('try_again', 0)} polls answered 408 (try again)")

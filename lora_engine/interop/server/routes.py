@@ -243,6 +243,7 @@ def add_routes(app, server: Server) -> None:  # noqa: C901 - one flat list of en
         try:
             await asyncio.wait_for(fut.event.wait(), timeout=cfg.poll_hold_s)
         except asyncio.TimeoutError:  # 408: the SDK polls again at once, without a warning
+            server.futures.stats["try_again"] += 1
             return JSONResponse({"type": "try_again", "request_id": fut.request_id, "queue_state": "active"},
                                 status_code=408)
         fut.retrieved_at = fut.retrieved_at or time.monotonic()
