@@ -112,7 +112,8 @@ def test_sdk_flow_end_to_end(served, model_dir):
 
         q = (lp - 0.3).astype(np.float32).tolist()
         adv = np.linspace(-1, 1, len(lp)).astype(np.float32).tolist()
-        for loss, cfg in [("importance_sampling", None), ("ppo", {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}),
+        for loss, cfg in [("importance_sampling", None),
+                          ("ppo", {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}),
                           ("cispo", {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}), ("dro", {"beta": 0.05})]:
             assert math.isfinite(tc.forward_backward([rl_datum(seq, q, adv)], loss, cfg).result().metrics["loss:sum"])
         with pytest.raises(tinker.BadRequestError, match="needs loss_config"):
@@ -243,7 +244,8 @@ def test_auth_needs_the_servers_key(served):
         tinker.ServiceClient(base_url=served.url, api_key="tml-wrong-key-000000").create_lora_training_client(
             base_model=served.model, rank=2).result()
     assert httpx.get(f"{served.url}/api/v1/healthz").status_code == 401
-    assert httpx.post(f"{served.url}/api/v1/create_session", json={}, headers={"X-API-Key": "tml-nope"}).status_code == 401
+    wrong = httpx.post(f"{served.url}/api/v1/create_session", json={}, headers={"X-API-Key": "tml-nope"})
+    assert wrong.status_code == 401
     assert httpx.get(f"{served.url}/api/v1/healthz", headers={"X-API-Key": KEY}).json() == {"status": "ok"}
 
 
@@ -261,7 +263,8 @@ def test_sessions_cannot_touch_each_others_checkpoints(served):
         assert a.create_sampling_client(model_path=weights).result().sample(
             types.ModelInput.from_ints([5, 6]), 1, types.SamplingParams(max_tokens=2)).result().sequences
     with sdk(served, project_id="team") as c, sdk(served, project_id="team") as d:  # a project shares
-        path = c.create_lora_training_client(base_model=served.model, rank=2).result().save_state("shared").result().path
+        tc = c.create_lora_training_client(base_model=served.model, rank=2).result()
+        path = tc.save_state("shared").result().path
         assert d.create_training_client_from_state(path).result().get_info().lora_rank == 2
 
 
@@ -285,7 +288,8 @@ def test_bad_payloads_get_4xx_and_spare_other_clients_work(served):
     proto = {**h, "Content-Type": "application/x-protobuf"}
     with sdk(served) as sc:
         good = sc.create_lora_training_client(base_model=served.model, rank=2).result()
-        target = sc.create_lora_training_client(base_model=served.model, rank=2).result().model_id  # raw requests use it
+        # raw requests below use this model's id and seq_ids
+        target = sc.create_lora_training_client(base_model=served.model, rank=2).result().model_id
         _, ce = ce_datum(good.get_tokenizer())
         served.server.scheduler.pause()
         try:
@@ -333,7 +337,8 @@ def test_cli_serve_errors_name_the_fix(tmp_path, monkeypatch):
     code = ("import sys; sys.modules['fastapi'] = None; from lora_engine import cli; "
             "sys.exit(cli.main(['serve', '--api-key', 'tml-0123456789ab']))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "pip install 'lora-engine[serve]'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and "pip install 'lora-engine[serve]'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = subprocess.run([sys.executable, "-c", "import lora_engine, lora_engine.interop.client, sys; "
                         "print('fastapi' in sys.modules, 'uvicorn' in sys.modules)"], capture_output=True, text=True,
                        timeout=120)
