@@ -127,7 +127,7 @@ def test_sdk_flow_end_to_end(served, model_dir):
 
         def custom(data, logprobs_list):
             loss = sum((x ** 2).sum() for x in logprobs_list)
-            return loss, {"sq:sum": float(loss)}
+            return loss, {"sq:sum": float(loss.detach())}
         out = tc.forward_backward_custom([ce], custom).result()
         lp = tc.forward([ce], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
         assert out.metrics["loss:sum"] == pytest.approx(float((lp ** 2).sum()), rel=1e-5)
@@ -183,7 +183,7 @@ def _wait_queued(server, n, timeout=20.0):
         time.sleep(0.02)
 
 
-def test_clients_of_different_ranks_and_losses_share_one_base_forward(served):
+def test_clients_of_different_ranks_and_losses_share_one_base_forward_and_decoding_batch(served):
     with sdk(served) as sc:
         clients = [sc.create_lora_training_client(base_model=served.model, rank=r, seed=i).result()
                    for i, r in enumerate((1, 8, 32))]
@@ -201,9 +201,22 @@ def test_clients_of_different_ranks_and_losses_share_one_base_forward(served):
             served.server.scheduler.resume()
         assert all(math.isfinite(f.result().metrics["loss:sum"]) for f in futures)
         after = _stats(served)
-        assert after["queue"]["fwdbwd_batches"] - before["queue"]["fwdbwd_batches"] == 1
-        assert after["base_forwards_in_fwdbwd"] - before["base_forwards_in_fwdbwd"] == 1
+        assert after["queue"]["fwdbwd_batches"] - before["queue"].get("fwdbwd_batches", 0) == 1
+        assert after["base_forwards_in_fwdbwd"] - before.get("base_forwards_in_fwdbwd", 0) == 1
         assert after["queue"]["max_models_per_batch"] >= 3
+
+        # Sampling from three adapters: one decoding batch.
+        samplers = [tc.save_weights_and_get_sampling_client().result() for tc in clients]
+        prompt = types.ModelInput.from_ints(seq[:6])
+        before = _stats(served)["queue"].get("sample_batches", 0)
+        served.server.scheduler.pause()
+        try:
+            samples = [s.sample(prompt, 2, types.SamplingParams(max_tokens=4, seed=k)) for k, s in enumerate(samplers)]
+            _wait_queued(served, 3)
+        finally:
+            served.server.scheduler.resume()
+        assert all(len(f.result().sequences) == 2 for f in samples)
+        assert _stats(served)["queue"]["sample_batches"] == before + 1
 
         others = [loss_of(tc, ce) for tc in clients[1:]]
         mine = loss_of(clients[0], ce)
