@@ -1,6 +1,7 @@
 """A server killed with SIGKILL and restarted on the same store serves the saved adapters again:
 sampler weights sample the same tokens, a training state resumes with the same loss; the old
-session is told it has ended (410), and another owner still gets 403."""
+session is told it has ended (410), and another owner still gets 403. Slow: two server starts
+in subprocesses, ~20-25 s on the 2-core CPU."""
 import os
 import subprocess
 import sys
@@ -33,6 +34,7 @@ def start(model_dir, store, port):
     raise AssertionError("server did not start")
 
 
+@pytest.mark.slow
 def test_restart_on_the_same_store_serves_saved_adapters(tmp_path, monkeypatch):
     monkeypatch.setenv("TINKER_TELEMETRY", "0")
     model_dir, store, port = save_test_model(tmp_path / "model"), tmp_path / "store", free_port()
