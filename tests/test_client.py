@@ -311,3 +311,109 @@ def test_example_rl_loop_runs(tmp_path, monkeypatch):
     out = client_rl_loop.main(["--model", str(tmp_path), "--steps", "2", "--pool", "64", "--eval", "4",
                                "--prompts", "2", "--samples", "2", "--max-new-tokens", "4"])
     assert set(out["after"]) == {"base", 0, 1}
+
+
+def _tinker_batch(B, N, seed):
+    """Tinker-aligned rows (input = seq[:-1], target = seq[1:]) with per-token advantages and
+    sampler log-probs off by noise, so the clip ranges are hit."""
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(3, V, (B, N + 1), generator=g)
+    attn = torch.ones(B, N, dtype=torch.long)
+    attn[1, N - 2:] = 0  # a shorter row, right padded
+    w = attn.float()
+    return Batch(seq[:, :-1] * attn, w, attn, sampling_logprobs=-4.0 + 0.5 * torch.randn(B, N, generator=g),
+                 advantages=torch.randn(B, N, generator=g) * attn, target_ids=seq[:, 1:] * attn)
+
+
+TINKER_LOSSES = [
+    pytest.param("cross_entropy", {}, id="cross_entropy"),
+    pytest.param("importance_sampling", {}, id="importance_sampling"),
+    pytest.param("ppo", {"clip_low_threshold": 0.7, "clip_high_threshold": 1.1}, id="ppo"),
+    pytest.param("cispo", {"clip_low_threshold": 0.5, "clip_high_threshold": 1.5}, id="cispo"),
+    pytest.param("dro", {"beta": 0.05}, id="dro"),
+]
+
+
+@pytest.mark.parametrize("loss,config", TINKER_LOSSES)
+def test_tinker_loss_formulas(loss, config):
+    """Tinker's definitions written out independently, in fp64 from the model's full logits:
+    next-token alignment (target_ids), per-token advantages, sums over tokens."""
+    batch = _tinker_batch(3, 7, seed=21)
+    if loss == "cross_entropy":
+        batch.weights[0, 2] = -0.5  # signed weights, as forward_backward_custom sends them
+    if loss == "dro":
+        # Same-sign terms: with mixed signs the scalar sum cancels to ~1e-6 relative, which
+        # measures fp32 summation rather than the formula.
+        batch.advantages = batch.advantages.abs()
+    client, a, _ = _client()
+    out = a.forward_backward(batch, loss, loss_config=config).result()
+    ours = _grads(a)
+    for p in a.parameters():
+        p.grad = None
+    pos = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+    logits = client.engine(batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
+                           adapter_ids=torch.full((3,), a.id)).logits.double()
+    lp = torch.log_softmax(logits, -1).gather(-1, batch.target_ids[..., None]).squeeze(-1)
+    lp = lp * batch.attention_mask
+    w, q, A = batch.weights.double(), batch.sampling_logprobs.double(), batch.advantages.double()
+    r = torch.exp(lp - q)
+    if loss == "cross_entropy":
+        per = lp
+    elif loss == "importance_sampling":
+        per = r * A
+    elif loss == "ppo":
+        per = torch.minimum(r * A, r.clamp(0.7, 1.1) * A)
+    elif loss == "cispo":
+        per = r.clamp(0.5, 1.5).detach() * lp * A
+    else:
+        per = lp * A - 0.025 * (lp - q) ** 2
+    expected = -(w * per).sum()
+    expected.backward()
+    assert_close(torch.tensor(out.loss), expected.detach(), torch.float32, "loss")
+    assert_close(out.logprobs, lp.detach(), torch.float32, "logprobs on every attended token")
+    assert_close(ours, _grads(a), torch.float32, "grads")
+    if loss in ("ppo", "cispo"):
+        assert 0 < out.metrics["clip_frac"] < 1, "the test must hit the clip region"
+
+
+def test_forward_shares_the_base_forward_and_leaves_no_gradient():
+    client, a, b = _client()
+    calls = _count_base_forwards(client)
+    batch = _tinker_batch(2, 6, seed=22)
+    fa = a.forward(batch, "cross_entropy")
+    b.forward_backward(batch, "importance_sampling")
+    client.flush()
+    assert len(calls) == 1
+    # a's rows share the packed LoRA matmul with b's, so its grads may exist, but hold zeros.
+    assert all(p.grad is None or not p.grad.any() for p in a.parameters())
+    assert all(p.grad is not None and p.grad.any() for p in b.parameters())
+    assert_close(fa.result().logprobs, a.forward(batch).result().logprobs, torch.float32, "same logprobs alone")
+
+
+def test_tinker_loss_config_errors():
+    client, a, _ = _client()
+    with pytest.raises(ValueError, match="needs loss_config"):
+        a.forward_backward(_tinker_batch(2, 4, seed=23), "dro")
+    batch = _tinker_batch(2, 4, seed=23)
+    batch.weights[0, 1] = -1.0
+    with pytest.raises(ValueError, match="only cross_entropy takes signed weights"):
+        a.forward_backward(batch, "ppo")
+
+
+def test_load_state_into_a_handle(tmp_path):
+    client, a, b = _client()
+    a.forward_backward(_batch(2, 4, 3, seed=24), "ppo")
+    a.optim_step(lr=1e-2)
+    a.save_state(tmp_path / "a")
+    saved = [p.detach().clone() for p in a.parameters()]
+    a.forward_backward(_batch(2, 4, 3, seed=25), "ppo")
+    a.optim_step(lr=1e-2)
+    a.load_state(tmp_path / "a")
+    assert all(torch.equal(x, p) for x, p in zip(saved, a.parameters()))
+    assert a.optimizer is not None and a.step == 1
+    a.load_state(tmp_path / "a", optimizer=False)
+    assert a.optimizer is None
+    peft_only = tmp_path / "peft"
+    client.engine.save_adapter(a.id, peft_only)
+    with pytest.raises(ValueError, match="no optimizer state"):
+        a.load_state(peft_only)
