@@ -23,9 +23,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lora_engine.studies.sweep import (SweepSpec, finish_sweep, group_finished, group_rows, prepare_sweep,
-                                       record_failure, run_group)
 from lora_engine.atomic import write_json_atomic
+from lora_engine.studies.sweep import (RESULT_FILE, SweepSpec, finish_sweep, group_finished, group_rows,
+                                       prepare_sweep, record_failure, run_group)
 
 
 def import_ray():
@@ -143,11 +143,11 @@ def run_groups(ray, spec: SweepSpec, out: Path, todo: list[int], progress: bool 
 
 def _write_missing_rows(out: Path, rows: list[dict]) -> None:
     """Write a task's rows the driver cannot see: ``--out`` is not on storage every node sees."""
-    missing = [r for r in rows if not (out / "runs" / r["run_id"] / "result.json").exists()]
+    missing = [r for r in rows if not (out / "runs" / r["run_id"] / RESULT_FILE).exists()]
     if missing:
         print(f"warning: {len(missing)} result(s) written by a worker are not visible here, so {out} is not "
               "on shared storage: the driver writes the rows, adapters and checkpoints stay on the workers",
               file=sys.stderr)
     for r in missing:
         (out / "runs" / r["run_id"]).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "runs" / r["run_id"] / "result.json", r)
+        write_json_atomic(out / "runs" / r["run_id"] / RESULT_FILE, r)

@@ -306,8 +306,8 @@ def run_group(spec: SweepSpec, g: int, out_dir, base=None, task=None):
     if group_finished(spec, g, out_dir):
         return base
     cfg = group_config(spec, g, out_dir)
-    if base is None:
-        base = load_base(cfg.model, cfg.dtype, cfg.device, progress=cfg.progress)  # one base model per process, shared by every group it runs
+    if base is None:  # one base model per process, shared by every group it runs
+        base = load_base(cfg.model, cfg.dtype, cfg.device, progress=cfg.progress)
     model, tokenizer = base
     trainer = GRPOTrainer(cfg, model=model, tokenizer=tokenizer, task=task)
     summary = trainer.fit()
