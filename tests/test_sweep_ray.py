@@ -1,5 +1,6 @@
 """The sweep on Ray: the same rows as the local runner, retries of a killed worker, failed groups
-recorded, and a killed driver resumed. One local Ray instance (2 CPUs) for the whole module."""
+recorded, and a killed driver resumed. One local Ray instance (2 CPUs) for the whole module: ~8 s
+to start it and run the local reference, then 3-18 s per test as workers stay warm."""
 import csv
 import json
 import os
@@ -127,7 +128,6 @@ def test_ray_sweep_rows_equal_local_runner(cluster, local_rows, tmp_path):
     assert _rows(out) == local_rows
 
 
-@pytest.mark.slow
 def test_killed_worker_is_retried_and_sweep_completes(cluster, local_rows, tmp_path):
     out, marker = tmp_path / "out", tmp_path / "killed"
     # Draw 3 is step 1's first (2 adapters draw once per step): step 0's checkpoint is on disk.
@@ -153,7 +153,7 @@ def test_failed_group_is_recorded_then_rerun(cluster, local_rows, tmp_path, caps
     assert not list(out.glob("runs/*/failed.json"))
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ~30 s: a second Python process imports torch and Ray as the driver
 def test_killed_driver_resumes_without_redoing_finished_runs(cluster, local_rows, tmp_path):
     spec, out = _spec(tmp_path / "spec.toml", "num_cpus = 2"), tmp_path / "out"  # one group at a time
     driver = f"""
