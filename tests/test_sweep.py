@@ -176,3 +176,21 @@ def test_ray_is_never_imported_at_module_level():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n.split(".")[0] == "ray" for n in names), f"{f} imports ray at module level"
+
+
+def test_driver_writes_rows_it_cannot_see(tmp_path, capsys):
+    """--out not on shared storage: the worker's result.json is elsewhere, the driver writes it."""
+    import json
+
+    from lora_engine.studies.ray_runner import _write_missing_rows, error_line
+
+    (tmp_path / "runs" / "seen").mkdir(parents=True)
+    (tmp_path / "runs" / "seen" / "result.json").write_text('{"run_id": "seen", "status": "done"}')
+    _write_missing_rows(tmp_path, [{"run_id": "seen", "status": "x"}, {"run_id": "lost", "status": "done"}])
+    assert json.loads((tmp_path / "runs" / "seen" / "result.json").read_text())["status"] == "done"
+    assert json.loads((tmp_path / "runs" / "lost" / "result.json").read_text())["status"] == "done"
+    assert "1 result(s) written by a worker are not visible here" in capsys.readouterr().err
+
+    wrapped = RuntimeError("Traceback...\nmany lines")
+    wrapped.cause = ValueError("bad reward\nsecond line")  # what Ray's RayTaskError carries
+    assert error_line(wrapped) == "ValueError: bad reward"
