@@ -37,7 +37,12 @@ def _sweep(args) -> int:
         return 0
     out = args.out or str(Path("runs") / Path(args.spec).stem)
     groups = [int(g) for g in args.groups.split(",")] if args.groups else None
-    report = run_sweep(args.spec, out, progress=not args.no_progress, groups=groups)
+    if args.ray is not None:
+        from lora_engine.studies.ray_runner import run_ray_sweep
+
+        report = run_ray_sweep(args.spec, out, address=args.ray, progress=not args.no_progress, groups=groups)
+    else:
+        report = run_sweep(args.spec, out, progress=not args.no_progress, groups=groups)
     print(f"report: {report}")
     return 0
 
@@ -104,6 +109,10 @@ def main(argv=None) -> int:
     s.add_argument("--dry-run", action="store_true", help="print the grouping and exit")
     s.add_argument("--groups", default=None, help="comma-separated group indices to run (job arrays)")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--ray", nargs="?", const="auto", default=None, metavar="auto|local|ADDRESS",
+                   help="run each group as a Ray task: auto (a running cluster, else a local one; the default "
+                        "of a bare --ray), local (a new local one) or a cluster address; resources in the "
+                        "spec's [ray] table; needs pip install 'lora-engine[ray]'")
     s.set_defaults(fn=_sweep)
     r = sub.add_parser("report", help="regenerate report.md and figures from RUN_DIR/results.csv")
     r.add_argument("run_dir")

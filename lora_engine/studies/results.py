@@ -2,7 +2,8 @@
 
 The one definition of its columns and their types: the sweep writes rows with it, ``analysis``
 reads them back with it. A run is one adapter trained for a fixed number of steps; its
-configuration columns come first, then its scores, costs and status.
+configuration columns come first, then its scores, costs and status; ``error`` is empty for a
+finished run and holds one line (the exception) for a run whose group failed (status "failed").
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ COLUMNS: dict[str, type] = {
     "base_score": float, "final_score": float, "gain": float, "tokens": int, "trainable_params": int,
     "optimizer_bytes": int, "checkpoint_bytes": int, "entropy_initial": float, "entropy_final": float,
     "pass_at_k_base": float, "pass_at_k_final": float, "k": int, "wall_s": float, "status": str,
+    "error": str,
 }
 FIELDS = tuple(COLUMNS)
 STRING_COLUMNS = tuple(c for c, t in COLUMNS.items() if t is str)
