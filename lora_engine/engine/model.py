@@ -159,14 +159,19 @@ class MultiLoRAModel(nn.Module):
             return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).last_hidden_state
 
     def logprobs_from_hidden(self, hidden, input_ids, score_mask, temperature: float = 1.0,
-                             return_entropy: bool = False):
+                             return_entropy: bool = False, targets=None):
         """``out[b, l] = log p(input_ids[b, l] | input_ids[b, :l])`` from ``hidden`` [B, L, d] where
-        ``score_mask[b, l] != 0`` (column 0 has no context and is never scored), 0 elsewhere.
+        ``score_mask[b, l] != 0`` (column 0 has no context and is never scored), 0 elsewhere. With
+        ``targets`` [B, L] (Tinker's alignment): ``out[b, l] = log p(targets[b, l] | input_ids[b, :l+1])``.
 
         Only scored positions go through the LM head (``ops.masked_token_logprobs``: no [T, V]
         logits on the GPU path). Returns logp [B, L] fp32, or (logp, entropy) with ``return_entropy``.
         """
-        res = ops.masked_token_logprobs(hidden[:, :-1], self.model.get_output_embeddings().weight,
+        head = self.model.get_output_embeddings().weight
+        if targets is not None:
+            return ops.masked_token_logprobs(hidden, head, targets, score_mask, temperature=temperature,
+                                             return_entropy=return_entropy)
+        res = ops.masked_token_logprobs(hidden[:, :-1], head,
                                         input_ids[:, 1:], score_mask[:, 1:], temperature=temperature,
                                         return_entropy=return_entropy)
         res = res if return_entropy else (res,)

@@ -345,8 +345,8 @@ class Client:
         on every attended token (Tinker's alignment, which returns them all)."""
         T = w.loss_kwargs["temperature"]
         if w.batch.target_ids is not None:
-            return ops.masked_token_logprobs(hidden, self.engine.model.get_output_embeddings().weight,
-                                             w.batch.target_ids.to(ids.device), attn != 0, temperature=T)
+            return self.engine.logprobs_from_hidden(hidden, ids, attn != 0, temperature=T,
+                                                    targets=w.batch.target_ids.to(ids.device))
         keep = (attn != 0) if callable(w.loss) else (w.batch.weights.to(ids.device) != 0)
         return self.engine.logprobs_from_hidden(hidden, ids, keep, temperature=T)
 
