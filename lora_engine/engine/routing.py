@@ -43,14 +43,11 @@ def routing_from_token_ids(token_ids, num_adapters: int, device=None) -> Routing
     if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= num_adapters):
         raise ValueError(f"adapter ids must lie in [-1, {num_adapters - 1}]; got min {int(ids.min())}, "
                          f"max {int(ids.max())}")
+    # Vectorised: a sort, a count and a cumulative sum, whatever the number of adapters.
     order = torch.argsort(ids, stable=True)
     order = order[ids[order] >= 0]
-    counts = torch.bincount(ids[ids >= 0], minlength=num_adapters).tolist()
-    seg_start, seg_adapter, pos = [0], [], 0
-    for a, c in enumerate(counts):
-        if c:
-            pos += c
-            seg_start.append(pos)
-            seg_adapter.append(a)
-    return Routing(num_tokens=ids.numel(), token_idx=order.to(device), seg_start=tuple(seg_start),
-                   seg_adapter=tuple(seg_adapter))
+    counts = torch.bincount(ids[ids >= 0], minlength=num_adapters)
+    seg_adapter = counts.nonzero().squeeze(1)
+    seg_start = torch.cat([counts.new_zeros(1), counts[seg_adapter].cumsum(0)])
+    return Routing(num_tokens=ids.numel(), token_idx=order.to(device), seg_start=tuple(seg_start.tolist()),
+                   seg_adapter=tuple(seg_adapter.tolist()))
