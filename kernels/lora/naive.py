@@ -25,17 +25,18 @@ def lora_linear_naive(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     y = x.to(cd) @ weight.to(cd).T
     if bias is not None:
         y = y + bias.to(cd)
-    xr = x.index_select(0, routing.token_idx).to(cd)  # routed rows, segment after segment
+    # Split, not sliced per segment: a slice's backward writes a zero tensor of the whole input
+    # (all adapters' A, or all routed rows) per segment; one split has one backward for all.
+    lengths = [t1 - t0 for t0, t1 in zip(routing.seg_start, routing.seg_start[1:])]
+    xs = x.index_select(0, routing.token_idx).to(cd).split(lengths)
+    rows_s = routing.token_idx.split(lengths)
+    a_s, b_s = lora_a.to(cd).split(layout.ranks), lora_b.to(cd).split(layout.ranks, dim=1)
     rows, deltas = [], []
     for s, a in enumerate(routing.seg_adapter):
-        r, off = layout.ranks[a], layout.offsets[a]
-        if r == 0:
+        if layout.ranks[a] == 0:
             continue
-        t0, t1 = routing.seg_start[s], routing.seg_start[s + 1]
-        A = lora_a[off:off + r].to(cd)
-        B = lora_b[:, off:off + r].to(cd)
-        rows.append(routing.token_idx[t0:t1])
-        deltas.append(layout.scales[a] * ((xr[t0:t1] @ A.T) @ B.T))
+        rows.append(rows_s[s])
+        deltas.append(layout.scales[a] * ((xs[s] @ a_s[a].T) @ b_s[a].T))
     if deltas:
         y = y.index_add(0, torch.cat(rows), torch.cat(deltas))
     return y.to(x.dtype)
