@@ -45,7 +45,8 @@ def _kernel_case(seed=0, A=7):
     for k, name in enumerate(optim.COEFS):
         coef[k] = {"active": torch.ones(2, A), "clip": torch.rand(2, A, generator=g),
                    "decay": 1 - 1e-3 * torch.rand(2, A, generator=g), "w1": 0.1 + 0.5 * torch.rand(2, A, generator=g),
-                   "beta2": 0.99 + 0.009 * torch.rand(2, A, generator=g), "w2": 1e-3 + 0.01 * torch.rand(2, A, generator=g),
+                   "beta2": 0.99 + 0.009 * torch.rand(2, A, generator=g),
+                   "w2": 1e-3 + 0.01 * torch.rand(2, A, generator=g),
                    "neg_step": -1e-2 * torch.rand(2, A, generator=g), "bc2_sqrt": 0.1 + torch.rand(2, A, generator=g),
                    "eps": 1e-8 + 1e-3 * torch.rand(2, A, generator=g)}[name]
     coef[0, :, 4] = 0  # slot 4 inactive: its NaN gradients must not leak
@@ -106,8 +107,8 @@ SPECS = [  # mixed ranks, methods, lrs, betas, eps, weight decay, LoRA+
 
 
 def _bank_and_reference(specs=SPECS):
-    engine = le.MultiLoRAModel(tiny_model(), [le.AdapterSpec(**{k: v for k, v in s.items() if k not in ("betas", "eps")})
-                                              for s in specs])
+    own = [{k: v for k, v in s.items() if k not in ("betas", "eps")} for s in specs]  # AdamW's, not the spec's
+    engine = le.MultiLoRAModel(tiny_model(), [le.AdapterSpec(**kw) for kw in own])
     opt = BankAdamW.of(engine.bank)
     refs = {}
     for i, s in enumerate(specs):
@@ -156,7 +157,8 @@ def test_bank_adamw_matches_torch_adamw_per_adapter(backend, subset):
             for view, gr in zip(refs[i][torch.float32][2], grads[i]):
                 view.grad = gr
         if subset:
-            norms = {i: float(opt.step([i], 1.0, skip=[i] if (step, i) in skip_at else None)[i]) for i in engine.adapter_ids}
+            norms = {i: float(opt.step([i], 1.0, skip=[i] if (step, i) in skip_at else None)[i])
+                     for i in engine.adapter_ids}
         else:
             skip = torch.zeros(engine.bank.num_slots, dtype=torch.bool)
             skip[[i for s, i in skip_at if s == step]] = True

@@ -32,8 +32,10 @@ Packed storage (``bank.py``): per module, every adapter's tensor of one kind liv
 buffer, its slice along the buffer's adapter axis (``LAYOUTS``); a frozen kind (LoRA-FA's A,
 PiSSA's A0/B0) in a buffer of its own (``storage_name``), so no frozen tensor gets a gradient or
 optimiser state. A record's ``pack`` turns the stacked tensors of all its adapters on a module
-into their kernel rows at once (no loop over adapters); for the LoRA family it returns the
-buffers themselves, so the kernel reads the leaves with no copy.
+into their kernel rows at once (no loop over adapters). Where a module's kernel adapters are all
+of the LoRA family (lora, rslora, lora_plus, dora share one ``pack``), the kernel reads the
+lora_A / lora_B buffers themselves, no copy; a module mixing methods gathers the packs' rows
+into slot order once per forward (memoised while generating).
 
 PEFT export: each record maps its tensors to PEFT's per-module key suffixes (``to_peft``) and
 back (``from_peft``) and says which PEFT config it is (``peft_config``); the directory layout,
