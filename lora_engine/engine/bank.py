@@ -18,7 +18,7 @@ from torch import nn
 
 from lora_engine.engine import methods
 from lora_engine.engine.methods import LAYOUTS, RANKED, method_of, storage_name
-from lora_engine.engine.packing import AdapterView, ModuleLayout, build_layout, restack, view_index
+from lora_engine.engine.packing import AdapterView, ModuleLayout, build_layout, extend_layout, restack, view_index
 from lora_engine.engine.spec import AdapterSpec, layer_index, matches, pattern_key
 from lora_engine.kernels.lora import LoRALayout
 
@@ -202,6 +202,9 @@ class AdapterBank(nn.Module):
         gradients and optimiser state move with their adapters; new ones start from their init
         and zero state), and rebuild every module's layout for the current slots."""
         for name, info in self.modules_info.items():
+            if name not in self._dirty and name in self._layouts:
+                self._layouts[name] = extend_layout(self._layouts[name], self.next_id)
+                continue
             specs = {i: self.specs[i] for i in self._on[name]}
             new = build_layout(name, info.in_features, info.out_features, info.device, specs, self.next_id,
                                self.vera_of)

@@ -52,16 +52,17 @@ class RoutingState:
         if key not in per:
             start, adapter = routing.segment_tensors()
             start, adapter = start.long(), adapter.long()
-            which = full[adapter] if adapter.numel() else adapter
+            which = full.index_select(0, adapter)
             seg = (which >= 0).nonzero().squeeze(1)
             if seg.numel() == 0:
                 per[key] = (None, None, None, full)
             else:
-                lo, n = start[seg], start[seg + 1] - start[seg]
+                lo, n = start.index_select(0, seg), start.index_select(0, seg + 1) - start.index_select(0, seg)
                 span = torch.arange(int(n.max()), device=lo.device)
                 valid = span[None, :] < n[:, None]
                 pos = torch.where(valid, lo[:, None] + span[None, :], torch.zeros_like(valid, dtype=torch.int64))
-                per[key] = (routing.token_idx[pos], valid, which[seg], full)  # full: keeps id(full) unique
+                rows = routing.token_idx.index_select(0, pos.reshape(-1)).view(pos.shape)
+                per[key] = (rows, valid, which.index_select(0, seg), full)  # full: keeps id(full) unique
         return per[key][:3]
 
 

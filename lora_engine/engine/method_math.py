@@ -54,9 +54,10 @@ def dora_norms(weight, lora_a, lora_b, scales, buckets, w_sq) -> torch.Tensor:
         cross, ba_sq = b.new_zeros(N, n), b.new_zeros(N, n)
         for idx, which in buckets:
             r = idx.numel() // which.numel()
-            a_r, b_r = a[idx].view(-1, r, a.shape[1]), b[:, idx].view(N, -1, r)
-            cross[:, which] = (wa[:, idx].view(N, -1, r) * b_r).sum(-1)
+            a_r = a.index_select(0, idx).view(-1, r, a.shape[1])
+            b_r = b.index_select(1, idx).view(N, -1, r)
+            cross.index_copy_(1, which, (wa.index_select(1, idx).view(N, -1, r) * b_r).sum(-1))
             gram = a_r @ a_r.transpose(1, 2)
-            ba_sq[:, which] = (torch.einsum("nar,ars->nas", b_r, gram) * b_r).sum(-1)
+            ba_sq.index_copy_(1, which, (torch.einsum("nar,ars->nas", b_r, gram) * b_r).sum(-1))
         s = scales[None, :]
         return (w_sq[:, None] + 2.0 * s * cross + s * s * ba_sq).clamp_min(0.0).sqrt().T

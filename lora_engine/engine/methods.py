@@ -257,7 +257,7 @@ def _vera_init(spec, module, in_features, out_features, weight, generator):
 def _vera_pack(t, group):
     # b is [n, N] (one row per adapter): each adapter's row scales all r of its B_v columns.
     a_v, b_v = group.vera
-    return [t["vera_lambda_d"][:, None] * a_v], [t["vera_lambda_b"][group.owner].T * b_v]
+    return [t["vera_lambda_d"][:, None] * a_v], [t["vera_lambda_b"].index_select(0, group.owner).T * b_v]
 
 
 def _vera_delta(spec, module, t, weight, vera=None):

@@ -122,15 +122,15 @@ class MultiLoRAModel(nn.Module):
         ids = torch.as_tensor(adapter_ids).reshape(-1)
         if ids.dtype.is_floating_point:
             raise ValueError("adapter_ids must be integers (one id per sequence, -1 = base only)")
-        # Vectorised membership test: one lookup table, not a Python set probe per sequence.
+        # Vectorised membership test: one lookup table (index_select, not a Python set probe per
+        # sequence); the bad ids are listed only when there are some.
         flat = ids.detach().cpu().long()
-        present = torch.zeros(self.bank.num_slots + 1, dtype=torch.bool)
+        A = self.bank.num_slots
+        present = torch.zeros(A + 2, dtype=torch.bool)  # slot k + 1 for id k; A + 1: out of range
         present[torch.tensor(self.bank.ids(), dtype=torch.long) + 1] = True
         present[0] = True  # -1: the base model
-        inside = (flat >= -1) & (flat < self.bank.num_slots)
-        ok = inside.clone()
-        ok[inside] = present[flat[inside] + 1]
-        bad = sorted(set(flat[~ok].tolist()))
+        ok = present.index_select(0, torch.where((flat >= -1) & (flat < A), flat + 1, A + 1))
+        bad = [] if bool(ok.all()) else sorted(set(flat[~ok].tolist()))
         if bad:
             raise ValueError(f"adapter id(s) {bad} are not in the bank (present: {sorted(present)}); "
                              "use -1 for the base model or add the adapter first")

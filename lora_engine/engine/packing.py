@@ -130,6 +130,22 @@ def build_layout(name: str, K: int, N: int, device, specs: dict, num_slots: int,
     return ModuleLayout(ids, LoRALayout(ranks, scales), slots, shapes, groups, perm, dora, full, full_ids)
 
 
+def extend_layout(lay: ModuleLayout, num_slots: int) -> ModuleLayout:
+    """``lay`` for more slots (adapters added elsewhere): the new slots are absent here (rank 0).
+    O(slots) tuple work and no per-adapter Python, so an add touches only its own modules."""
+    k = num_slots - lay.kernel.num_adapters
+    if k <= 0:
+        return lay
+    dora, full = lay.dora, lay.full
+    if dora is not None:
+        dora = DoraTerms(dora.flags + (False,) * k, dora.slots, dora.a_rows, dora.b_cols, dora.m_rows, dora.scales,
+                         dora.buckets)
+    if full is not None:
+        full = torch.cat([full, full.new_full((k,), -1)])
+    kernel = LoRALayout(lay.kernel.ranks + (0,) * k, lay.kernel.scales + (0.0,) * k)
+    return ModuleLayout(lay.ids, kernel, lay.slots, lay.shapes, lay.groups, lay.perm, dora, full, lay.full_ids)
+
+
 def _kernel_groups(name, K, N, device, specs, ids, slots, vera_of):
     """Kernel adapters grouped by (pack, buffers it reads, parts), and the kernel-row permutation
     of the concatenated parts (None when one group of one part already is in slot order)."""
@@ -206,13 +222,24 @@ def restack(store: nn.Module, old: ModuleLayout | None, new: ModuleLayout, pendi
         old_slots = old.slots.get(b) if old is not None else None
 
         def stack(old_t, fresh):
-            pieces = []
+            # Kept adapters that sat next to each other move as one block (an add is one copy).
+            pieces, run = [], None  # run: [offset, size] of the current block of old positions
             for i in slots.ids:
                 if old_t is not None and old_slots is not None and i in old_slots.index and i not in pending:
                     off, size = old_slots.span(i)
-                    pieces.append(old_t.narrow(slots.axis, off, size))
+                    if run is not None and run[0] + run[1] == off:
+                        run[1] += size
+                        continue
+                    if run is not None:
+                        pieces.append(old_t.narrow(slots.axis, *run))
+                    run = [off, size]
                 else:
+                    if run is not None:
+                        pieces.append(old_t.narrow(slots.axis, *run))
+                        run = None
                     pieces.append(fresh(i))
+            if run is not None:
+                pieces.append(old_t.narrow(slots.axis, *run))
             return torch.cat(pieces, slots.axis)
 
         def init(i):

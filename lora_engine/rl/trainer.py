@@ -237,7 +237,7 @@ class GRPOTrainer:
 
         def std(x):  # unbiased, as torch.std: nan for a single row
             x = x.detach().cpu().double()
-            return (total((x - mean(x)[ids]) ** 2) / (n - 1)).sqrt()
+            return (total((x - mean(x).index_select(0, ids)) ** 2) / (n - 1)).sqrt()
 
         m = mask.detach().cpu().double()
         ent = total((entropy.detach().cpu().double() * m).sum(-1)) / total(m.sum(-1)).clamp_min(1)
