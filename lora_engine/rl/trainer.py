@@ -156,11 +156,16 @@ class GRPOTrainer:
                 sub = self._select(ro, idx)
                 logp, ent = self.token_logprobs(sub, sub.adapter_ids, entropy=True)
                 entropy[idx] = ent.detach()
-                losses, m = ops.policy_loss(
-                    logp, old[idx] if old is not None else logp.detach(), adv[idx], mask[idx], ids_dev[idx],
+                # Only this micro-batch's adapters, by compact ids scattered back into [A]: the CPU
+                # reference loops over the adapters it is given (1,024 per micro-batch otherwise).
+                here, local = torch.unique(ids_dev[idx], return_inverse=True)
+                part, m = ops.policy_loss(
+                    logp, old[idx] if old is not None else logp.detach(), adv[idx], mask[idx], local,
                     ref_logp=ref[idx] if ref is not None else None, loss_type=cfg.loss_type,
                     eps_low=cfg.eps_low, eps_high=cfg.eps_high, delta=cfg.delta, beta=cfg.beta,
-                    num_adapters=A, max_completion_length=cfg.max_new_tokens, **cfg.loss_options)
+                    num_adapters=here.numel(), max_completion_length=cfg.max_new_tokens, **cfg.loss_options)
+                losses = part.new_zeros(A).index_add(0, here, part)
+                m = {k: v.new_zeros(A).index_copy(0, here, v) for k, v in m.items()}
                 loss_den, tok_den = self._normalisers(ids_dev[idx], mask[idx], A)
                 w_loss, w_tok = loss_den / full_loss_den, tok_den / full_tok_den
                 (losses * w_loss).sum().backward()
@@ -232,20 +237,16 @@ class GRPOTrainer:
         def total(x):
             return torch.zeros(A, dtype=torch.float64).index_add_(0, ids, x.detach().cpu().double())
 
-        def mean(x):
-            return total(x) / n
-
         def std(x):  # unbiased, as torch.std: nan for a single row
-            x = x.detach().cpu().double()
-            return (total((x - mean(x).index_select(0, ids)) ** 2) / (n - 1)).sqrt()
+            return (total((x.detach().cpu().double() - (total(x) / n).index_select(0, ids)) ** 2) / (n - 1)).sqrt()
 
         m = mask.detach().cpu().double()
         ent = total((entropy.detach().cpu().double() * m).sum(-1)) / total(m.sum(-1)).clamp_min(1)
         tok = (total(ro.prompt_tokens) + total(clen)).long().tolist()
-        cols = {"reward_mean": mean(reward), "reward_std": std(reward), "accuracy": mean(correct), "adv_std": std(adv),
-                "kl": metrics["kl_mean"].detach().cpu(), "clip_frac": metrics["clip_frac"].detach().cpu(),
-                "entropy": ent, "response_len": mean(clen), "truncated_frac": mean(ro.truncated.float()),
-                "kept_frac": mean(keep.float())}
+        cols = {"reward_mean": total(reward) / n, "reward_std": std(reward), "accuracy": total(correct) / n,
+                "adv_std": std(adv), "kl": metrics["kl_mean"].detach().cpu(),
+                "clip_frac": metrics["clip_frac"].detach().cpu(), "entropy": ent, "response_len": total(clen) / n,
+                "truncated_frac": total(ro.truncated.float()) / n, "kept_frac": total(keep.float()) / n}
         cols, out = {k: v.tolist() for k, v in cols.items()}, {}
         for a in self.ids:
             self.tokens[a] += tok[a]
