@@ -18,8 +18,9 @@ from torch import nn
 
 from lora_engine.engine import methods
 from lora_engine.engine.methods import LAYOUTS, RANKED, method_of, storage_name
-from lora_engine.engine.packing import AdapterView, ModuleLayout, build_layout, extend_layout, restack, view_index
-from lora_engine.engine.spec import AdapterSpec, layer_index, matches, pattern_key
+from lora_engine.engine.packing import (AdapterView, ModuleLayout, build_layout, check_new_adapter, extend_layout,
+                                        restack, view_index)
+from lora_engine.engine.spec import AdapterSpec, layer_index, matches
 from lora_engine.kernels.lora import LoRALayout
 
 
@@ -73,6 +74,16 @@ class AdapterBank(nn.Module):
         state.update(_views={}, _cleared={}, _gen={})
         return state
 
+    def _apply(self, fn, recurse=True):
+        # A move or cast (.to, .cuda, .double): the layouts' index tensors follow the buffers.
+        out = super()._apply(fn, recurse)
+        for name, info in self.modules_info.items():
+            params = list(self.store[_key(name)]._parameters.values())
+            info.device = info.weight.device if info.weight is not None else (
+                params[0].device if params else info.device)
+        self._layouts, self._laid_slots, self._views = {}, -1, {}
+        return out
+
     # -- registry ------------------------------------------------------------------------
     def register_module_info(self, name: str, in_features: int, out_features: int, device,
                              weight: torch.Tensor | None = None) -> None:
@@ -120,7 +131,7 @@ class AdapterBank(nn.Module):
 
     def add(self, spec: AdapterSpec) -> int:
         names = sorted(self.targets_of(spec))
-        self._check_new(spec, names)
+        check_new_adapter(spec, names, self.modules_info)
         method = method_of(spec)
         i = self.next_id
         vera = self._vera_projection(spec, names) if method.shared_projection else None
@@ -143,29 +154,6 @@ class AdapterBank(nn.Module):
         if not self._defer:
             self._ensure()
         return i
-
-    def _check_new(self, spec: AdapterSpec, names: list[str]) -> None:
-        if not names:
-            raise ValueError(f"adapter targets {spec.target_modules!r} (layers {spec.layers}) match no wrapped "
-                             f"module; wrapped: {list(self.modules_info)[:6]}...: pass names that end one of these")
-        for attr in ("rank_pattern", "alpha_pattern"):
-            unused = [k for k in getattr(spec, attr) or {} if not any(pattern_key([k], n) for n in names)]
-            if unused:
-                raise ValueError(f"{attr} key(s) {unused} match none of the adapter's modules (e.g. {names[0]}): "
-                                 "use a module-name suffix such as 'q_proj' or 'layers.0.mlp.down_proj'")
-        method = method_of(spec)
-        for n in names:
-            info = self.modules_info[n]
-            # PiSSA/MiLoRA's frozen init rides along as a second rank-r pair: 2r rows in the kernel.
-            limit = min(info.in_features, info.out_features) // method.rank_divisor
-            if method.kernel_factor and spec.rank_for(n) > limit:
-                half = f" / {method.rank_divisor}" if method.rank_divisor > 1 else ""
-                raise ValueError(f"rank {spec.rank_for(n)} exceeds min(in={info.in_features}, "
-                                 f"out={info.out_features}){half} of module {n} "
-                                 f"(method {spec.method}): choose rank <= {limit}")
-            if method.needs_weight and info.weight is None:
-                raise ValueError(f"method {spec.method!r} needs the base weight of {n}: register modules "
-                                 "through MultiLoRAModel (or pass weight= to AdapterBank.register_module_info)")
 
     def _vera_projection(self, spec: AdapterSpec, names: list[str]) -> str:
         # As PEFT: one projection pair sized to the largest targeted module, sliced per module.

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lora_engine.engine.methods import LAYOUTS, RANKED, PackGroup, buffer_layout, method_of, storage_name
+from lora_engine.engine.spec import pattern_key
 from lora_engine.kernels.lora import LoRALayout
 
 
@@ -260,6 +261,31 @@ def restack(store: nn.Module, old: ModuleLayout | None, new: ModuleLayout, pendi
                 for s in state_names:
                     prev = store._buffers.get(f"{b}__{s}")
                     store.register_buffer(f"{b}__{s}", stack(prev, zeros), persistent=False)
+
+
+def check_new_adapter(spec, names: list[str], modules_info: dict) -> None:
+    """ValueError naming the fix when ``spec`` cannot go on modules ``names`` (ranks, patterns, W)."""
+    if not names:
+        raise ValueError(f"adapter targets {spec.target_modules!r} (layers {spec.layers}) match no wrapped "
+                         f"module; wrapped: {list(modules_info)[:6]}...: pass names that end one of these")
+    for attr in ("rank_pattern", "alpha_pattern"):
+        unused = [k for k in getattr(spec, attr) or {} if not any(pattern_key([k], n) for n in names)]
+        if unused:
+            raise ValueError(f"{attr} key(s) {unused} match none of the adapter's modules (e.g. {names[0]}): "
+                             "use a module-name suffix such as 'q_proj' or 'layers.0.mlp.down_proj'")
+    method = method_of(spec)
+    for n in names:
+        info = modules_info[n]
+        # PiSSA/MiLoRA's frozen init rides along as a second rank-r pair: 2r rows in the kernel.
+        limit = min(info.in_features, info.out_features) // method.rank_divisor
+        if method.kernel_factor and spec.rank_for(n) > limit:
+            half = f" / {method.rank_divisor}" if method.rank_divisor > 1 else ""
+            raise ValueError(f"rank {spec.rank_for(n)} exceeds min(in={info.in_features}, "
+                             f"out={info.out_features}){half} of module {n} "
+                             f"(method {spec.method}): choose rank <= {limit}")
+        if method.needs_weight and info.weight is None:
+            raise ValueError(f"method {spec.method!r} needs the base weight of {n}: register modules "
+                             "through MultiLoRAModel (or pass weight= to AdapterBank.register_module_info)")
 
 
 class AdapterView(nn.Parameter):
