@@ -20,9 +20,14 @@ weights: the GPU default). Metrics per adapter count (rows of ``bench/results.cs
     host_ms_per_forward   time inside the engine's wrapped layers outside the LoRA kernels
                           (routing, layout and kernel-pair lookup, DoRA scale, dispatch), summed over
                           the layers of one forward, averaged over every forward of the measured
-                          steps (decode steps and training passes). On a CPU the kernels run
-                          synchronously, so their time is compute and is left out; on a GPU kernel
-                          launches return at once, so the whole layer time is host time.
+                          steps (decode steps and training passes; the per-batch routing is O(T),
+                          and a step's prefill has 16 x A sequences of prompt tokens). On a CPU the
+                          kernels run synchronously, so their time is compute and is left out; on
+                          a GPU kernel launches return at once, so the whole layer time is host time.
+    host_ms_per_decode    the same for one decode-sized forward at fixed work: 256 sequences of one
+                          token spread over the bank's adapters, inside one routing context (as
+                          generation), median of 20: what a bank of A adapters costs the host per
+                          token, whatever the batch.
     max_rss_gib           the process's peak resident memory (CPU); peak_gib: peak CUDA memory (GPU)
     build_s               time to build the engine and add the A adapters
 """
@@ -46,8 +51,9 @@ sys.path.insert(0, str(HERE))
 from common import CSV_PATH, append_rows, env_info  # noqa: E402
 
 OP = "grpo_scaling"
-METRICS = ("s_per_step", "adapter_steps_per_s", "tokens_per_s", "host_ms_per_forward", "max_rss_gib",
-           "peak_gib", "build_s")
+METRICS = ("s_per_step", "adapter_steps_per_s", "tokens_per_s", "host_ms_per_forward", "host_ms_per_decode",
+           "max_rss_gib", "peak_gib", "build_s")
+DECODE_ROWS = 256
 
 
 class LayerClock:
@@ -125,6 +131,26 @@ def _trainer(args, n_adapters: int, out_dir: str):
                        task=RandomPromptTask(mcfg.vocab_size, args.prompt_len))
 
 
+@torch.no_grad()
+def _decode_host_ms(engine, clock: LayerClock, gpu: bool, reps: int = 20) -> float:
+    """Host ms of one forward of DECODE_ROWS one-token sequences over the bank's adapters (median)."""
+    ids = engine.adapter_ids
+    adapters = torch.tensor([ids[k % len(ids)] for k in range(DECODE_ROWS)])
+    device = next(engine.model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, engine.model.config.vocab_size, (DECODE_ROWS, 1), generator=gen)
+    out = []
+    with engine.use_adapters(adapters):
+        engine.model(tokens.to(device))  # the routing and the kernel pairs, once per context
+        for _ in range(reps):
+            clock.reset()
+            engine.model(tokens.to(device))
+            if gpu:
+                torch.cuda.synchronize()
+            out.append(clock.host_ms_per_forward())
+    return statistics.median(out)
+
+
 def run_one(args, n_adapters: int) -> dict:
     """One adapter count, in this process: {metric: value}."""
     gpu = args.device == "cuda"
@@ -144,10 +170,12 @@ def run_one(args, n_adapters: int) -> dict:
             if step:
                 times.append(time.perf_counter() - t0)
                 tokens += sum(r["tokens_step"] for r in out.values())
+        host_step = clock.host_ms_per_forward()
+        res_decode = _decode_host_ms(trainer.engine, clock, gpu)
     s_step = statistics.median(times)
     res = {"s_per_step": s_step, "adapter_steps_per_s": n_adapters / s_step,
-           "tokens_per_s": tokens / sum(times), "host_ms_per_forward": clock.host_ms_per_forward(),
-           "build_s": build_s}
+           "tokens_per_s": tokens / sum(times), "host_ms_per_forward": host_step,
+           "host_ms_per_decode": res_decode, "build_s": build_s}
     if gpu:
         res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     else:
@@ -193,12 +221,16 @@ def plot(csv_path: Path, out: Path, device: str | None = None) -> Path:
     fig = Figure(figsize=(11, 7.5), layout="constrained")
     axes = fig.subplots(2, 2).flatten()
     panels = (("s_per_step", "s / step"), ("adapter_steps_per_s", "adapter-steps / s"),
-              ("host_ms_per_forward", "host ms / forward (outside kernels)"), ("max_rss_gib", "max RSS GiB"))
+              ("host_ms_per_forward", "host ms / forward outside kernels\n(solid: step average, dashed: decode)"),
+              ("max_rss_gib", "max RSS (GPU: peak) GiB"))
     for ax, (metric, label) in zip(axes, panels):
-        for sha in shas:
+        for k, sha in enumerate(shas):
             pts = sorted(cells.get((sha, metric), {}).items()) or sorted(cells.get((sha, "peak_gib"), {}).items())
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=sha)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=sha, color=f"C{k}")
+            decode = sorted(cells.get((sha, "host_ms_per_decode"), {}).items())
+            if decode and metric == "host_ms_per_forward":
+                ax.plot([p[0] for p in decode], [p[1] for p in decode], marker="x", ls="--", color=f"C{k}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("adapters")
@@ -252,7 +284,8 @@ def main(argv=None):
             continue
         mem = res.get("max_rss_gib", res.get("peak_gib"))
         print(f"{n:5d} adapters: {res['s_per_step']:8.3f} s/step {res['adapter_steps_per_s']:8.2f} adapter-steps/s "
-              f"{res['tokens_per_s']:9.0f} tok/s  host {res['host_ms_per_forward']:7.3f} ms/fwd  "
+              f"{res['tokens_per_s']:9.0f} tok/s  host {res['host_ms_per_forward']:7.3f} ms/fwd "
+              f"{res['host_ms_per_decode']:6.3f} ms/decode  "
               f"mem {mem:6.2f} GiB  build {res['build_s']:6.2f} s  ({info['device']})", flush=True)
         rows += [{"op": OP, "provider": "lora_engine", "shape": shape_of(args, n), "metric": k,
                   "value": f"{res[k]:.6g}"} for k in METRICS if k in res]

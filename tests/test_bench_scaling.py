@@ -28,7 +28,8 @@ def test_bench_scaling_runs_and_plots(scaling, tmp_path):
                          "--new-tokens", "3", "--prompt-len", "4", "--micro-batch", "4", "--device", "cpu",
                          "--output-dir", str(tmp_path / "run"), "--csv", str(csv_path)])
     got = {(r["shape"].split(",")[0], r["metric"]) for r in rows}
-    metrics = {"s_per_step", "adapter_steps_per_s", "tokens_per_s", "host_ms_per_forward", "max_rss_gib", "build_s"}
+    metrics = {"s_per_step", "adapter_steps_per_s", "tokens_per_s", "host_ms_per_forward", "host_ms_per_decode",
+               "max_rss_gib", "build_s"}
     assert got == {("adapters=3", m) for m in metrics}
     with open(csv_path) as f:
         written = list(csv.DictReader(f))
