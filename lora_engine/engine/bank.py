@@ -299,14 +299,17 @@ class AdapterBank(nn.Module):
         if getattr(buffer, "_le_bank", None) is not self:
             # Counts the buffer's gradient accumulations: a cleared view reads None until the next one.
             ref, where = weakref.ref(self), (key[1], key[3])
-            buffer.register_post_accumulate_grad_hook(lambda p: ref() is not None and ref()._bump(where))
+
+            def bump(_, ref=ref, where=where) -> None:
+                bank = ref()
+                if bank is not None:
+                    bank._gen[where] = bank._gen.get(where, 0) + 1
+
+            buffer.register_post_accumulate_grad_hook(bump)
             buffer._le_bank = self
         if buffer.grad is not None:
             buffer.grad[index].zero_()
         self._cleared[key] = self._gen.get((key[1], key[3]), 0)
-
-    def _bump(self, where) -> None:
-        self._gen[where] = self._gen.get(where, 0) + 1
 
     def has_grad(self, i: int) -> bool:
         return any(p.grad is not None for p in self.parameters_of(i))
