@@ -63,13 +63,14 @@ def _capture_grads(tr):
     """Record each adapter's gradients as the trainer steps it (before AdamW, whose first update
     lr * g / (|g| + eps) would turn rounding noise in near-zero gradients into sign flips)."""
     grads = {}
-    real = tr._adapter_step
+    real = tr._bank_step
 
-    def step(a, loss):
-        grads.setdefault(a, []).append([p.grad.clone() for p in tr.engine.adapter_parameters(a)])
-        return real(a, loss)
+    def step(losses):
+        for a in tr.ids:
+            grads.setdefault(a, []).append([p.grad.clone() for p in tr.engine.adapter_parameters(a)])
+        return real(losses)
 
-    tr._adapter_step = step
+    tr._bank_step = step
     return grads
 
 

@@ -27,7 +27,6 @@ the same outputs without a gradient, in the same base forward as the queued back
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,7 +35,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_engine import ops
-from lora_engine.engine import methods, peft_format
+from lora_engine.engine import peft_format
+from lora_engine.engine.optimizer import AdapterOptimizer, BankAdamW
 from lora_engine.interop.batches import (  # noqa: F401  (LOSSES, Samples: part of this module's API)
     LOSS_CONFIG, LOSSES, Batch, ForwardBackwardOutput, Samples, token_loss)
 from lora_engine.engine.spec import AdapterSpec
@@ -88,7 +88,7 @@ class Adapter:
         self.id = adapter_id
         self.step = 0
         self.sample_calls = 0
-        self.optimizer: torch.optim.AdamW | None = None
+        self.optimizer: AdapterOptimizer | None = None
 
     @property
     def spec(self) -> AdapterSpec:
@@ -140,11 +140,9 @@ class Adapter:
             self.optimizer = self._new_optimizer()
         for g, rate in zip(self.optimizer.param_groups, (lr, lr * self.spec.lora_plus_ratio)):
             g.update(lr=rate, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        max_norm = float("inf") if grad_clip is None else grad_clip
-        norm = float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm))
-        skipped = not math.isfinite(norm)
+        # The bank's fused AdamW on this adapter's slices alone: clipping, the non-finite skip, the step.
+        norm, skipped = self.optimizer.step(None if grad_clip is None else grad_clip)
         if not skipped:
-            self.optimizer.step()
             self.step += 1
         self.optimizer.zero_grad(set_to_none=True)
         return {"step": self.step, "grad_norm": norm, "skipped": skipped}
@@ -193,9 +191,12 @@ class Adapter:
         self.optimizer = self._new_optimizer()
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
 
-    def _new_optimizer(self) -> torch.optim.AdamW:
-        # Two groups as the trainer's: A-like tensors, then B-like ones (LoRA+ rate).
-        return torch.optim.AdamW(methods.param_groups(self.client.engine, self.id))
+    def _new_optimizer(self) -> AdapterOptimizer:
+        # This adapter's share of the bank's fused AdamW; two groups as the trainer's: A-like
+        # tensors, then B-like ones (LoRA+ rate). torch AdamW's defaults until optim_step sets them.
+        opt = BankAdamW.of(self.client.engine.bank)
+        opt.configure(self.id, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+        return opt.adapter(self.id)
 
 
 # --- the client ---------------------------------------------------------------------------------

@@ -59,20 +59,25 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplie
 _ROUTING_CACHE = 8
 
 
+_VERSIONED = ("dora", "pair")  # bank memo kinds whose last key element is the version counters
+
+
 class _LatestMemo(dict):
     """The bank's no-grad memo, keeping only the newest entry per slot.
 
-    Memo keys end in the weights' version counters (``("dora", module, adapter, vA, vB)``,
-    ``("packed", module, dtype, versions)``). Keeping one entry per ``key[:3]`` bounds the memo
-    by the number of modules while generation still reuses each norm for every decoded token.
-    Version counters are not enough on their own: torch's fused AdamW (transformers 5's default
-    optimiser) updates parameters without bumping them. So every forward with grad enabled
-    clears the memo (``_SingleAdapterRouting.routing_for``): an optimiser step always follows
-    one, and no-grad forwards between two of them (one generation) share the cache.
+    The bank's memo keys end in the weights' version counters (``("dora", module, versions)``,
+    ``("pair", module, dtype, versions)``). Keeping one entry per key less its versions bounds
+    the memo by the number of modules while generation still reuses each entry for every
+    decoded token. Version counters are not enough on their own: torch's fused AdamW
+    (transformers 5's default optimiser) updates parameters without bumping them. So every
+    forward with grad enabled clears the memo (``_SingleAdapterRouting.routing_for``): an
+    optimiser step always follows one, and no-grad forwards between two of them (one
+    generation) share the cache.
     """
 
     def __setitem__(self, key, value):
-        stale = [k for k in self if k[:3] == key[:3] and k != key]
+        slot = key[:-1] if key[0] in _VERSIONED else key
+        stale = [k for k in self if k[0] in _VERSIONED and k[:-1] == slot and k != key]
         for k in stale:
             del self[k]
         super().__setitem__(key, value)

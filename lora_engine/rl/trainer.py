@@ -31,7 +31,7 @@ import torch
 
 from lora_engine import ops
 from lora_engine.kernels.policy_loss import METRIC_NAMES, loss_normalisers
-from lora_engine.engine import methods
+from lora_engine.engine.optimizer import AdapterOptimizer, BankAdamW
 from lora_engine.rl.advantages import group_advantages, make_group_ids
 from lora_engine.rl import checkpoints
 from lora_engine.rl.config import TrainConfig, save_config, upgrade_saved_config
@@ -57,10 +57,12 @@ class GRPOTrainer:
         self.tokens = {a: 0 for a in self.ids}
         self.out = Path(cfg.output_dir)
 
-    def _make_optimizer(self, a: int) -> torch.optim.Optimizer:
-        """AdamW over adapter a's trainable tensors; B (and 1-D vectors) at lr x LoRA+ ratio."""
-        spec = self.engine.adapter_spec(a)
-        return torch.optim.AdamW(methods.param_groups(self.engine, a), weight_decay=spec.weight_decay)
+    def _make_optimizer(self, a: int) -> AdapterOptimizer:
+        """Adapter a's share of the bank's one fused AdamW (``engine.optimizer``): its lr, B (and
+        1-D vectors) at lr x LoRA+ ratio, its weight decay, its own state."""
+        opt = BankAdamW.of(self.engine.bank)
+        opt.configure_from_spec(a, self.engine.adapter_spec(a))
+        return opt.adapter(a)
 
     # -- 1. rollout ---------------------------------------------------------------------
     def _seed(self, a: int, step: int, stream: int) -> int:
@@ -154,11 +156,16 @@ class GRPOTrainer:
                 sub = self._select(ro, idx)
                 logp, ent = self.token_logprobs(sub, sub.adapter_ids, entropy=True)
                 entropy[idx] = ent.detach()
-                losses, m = ops.policy_loss(
-                    logp, old[idx] if old is not None else logp.detach(), adv[idx], mask[idx], ids_dev[idx],
+                # Only this micro-batch's adapters, by compact ids scattered back into [A]: the CPU
+                # reference loops over the adapters it is given (1,024 per micro-batch otherwise).
+                here, local = torch.unique(ids_dev[idx], return_inverse=True)
+                part, m = ops.policy_loss(
+                    logp, old[idx] if old is not None else logp.detach(), adv[idx], mask[idx], local,
                     ref_logp=ref[idx] if ref is not None else None, loss_type=cfg.loss_type,
                     eps_low=cfg.eps_low, eps_high=cfg.eps_high, delta=cfg.delta, beta=cfg.beta,
-                    num_adapters=A, max_completion_length=cfg.max_new_tokens, **cfg.loss_options)
+                    num_adapters=here.numel(), max_completion_length=cfg.max_new_tokens, **cfg.loss_options)
+                losses = part.new_zeros(A).index_add(0, here, part)
+                m = {k: v.new_zeros(A).index_copy(0, here, v) for k, v in m.items()}
                 loss_den, tok_den = self._normalisers(ids_dev[idx], mask[idx], A)
                 w_loss, w_tok = loss_den / full_loss_den, tok_den / full_tok_den
                 (losses * w_loss).sum().mul(cfg.loss_scale or 1.0).backward()
@@ -169,11 +176,8 @@ class GRPOTrainer:
                 self._unscale_grads(cfg.loss_scale)
             if metrics is None:  # every group dropped: nothing to learn from this batch
                 metrics = {k: torch.zeros(A, device=device) for k in METRIC_NAMES}
-            for a in self.ids:
-                norm = self._adapter_step(a, total[a])
-                grad_norms[a] = norm
-                if not math.isfinite(norm):
-                    skipped.add(a)
+            grad_norms = self._bank_step(total)
+            skipped |= {a for a, n in grad_norms.items() if not math.isfinite(n)}
         wall = time.perf_counter() - t0
         return self._step_metrics(step, ro, reward, correct, adv, keep, mask, entropy, metrics,
                                   grad_norms, skipped, wall)
@@ -218,40 +222,45 @@ class GRPOTrainer:
         """Per adapter: cfg.loss_type's loss normaliser and the metrics' token count over these rows."""
         return loss_normalisers(ids, mask, A, self.cfg.loss_type, self.cfg.max_new_tokens)
 
-    def _adapter_step(self, a: int, loss: torch.Tensor) -> float:
-        """Clip and step adapter a alone; a non-finite loss or gradient skips its step."""
-        params = self.engine.adapter_parameters(a)
-        opt = self.optimizers[a]
-        norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
-        if math.isfinite(norm) and torch.isfinite(loss):
-            opt.step()
-        else:
-            norm = float("nan")
-        opt.zero_grad(set_to_none=True)
-        return norm
+    def _bank_step(self, losses: torch.Tensor) -> dict[int, float]:
+        """Clip and step every adapter at once, each on its own gradient norm (one fused AdamW
+        over the bank); a non-finite loss or gradient skips that adapter alone, its weights and
+        optimiser state untouched. Returns {adapter: gradient norm} (nan where skipped)."""
+        opt = BankAdamW.of(self.engine.bank)
+        bad = ~torch.isfinite(losses.detach()).cpu()
+        norms = opt.step(self.ids, self.cfg.max_grad_norm, skip=bad)
+        opt.zero_grad()
+        norms[bad] = float("nan")
+        return dict(zip(self.ids, norms[self.ids].tolist()))
 
     def _step_metrics(self, step, ro, reward, correct, adv, keep, mask, entropy, metrics, grad_norms,
                       skipped, wall) -> dict[int, dict]:
-        out = {}
-        ids = ro.adapter_ids
-        clen = ro.completion_mask.sum(-1).cpu().float()
+        """One log row per adapter; every statistic is a segmented sum over the batch's rows by
+        adapter id (index_add), not a pass over the batch per adapter."""
+        A = self.engine.bank.num_slots
+        ids = ro.adapter_ids.cpu().long()
+        clen = ro.completion_mask.sum(-1).cpu().double()
+        n = torch.bincount(ids, minlength=A).double()
+
+        def total(x):
+            return torch.zeros(A, dtype=torch.float64).index_add_(0, ids, x.detach().cpu().double())
+
+        def std(x):  # unbiased, as torch.std: nan for a single row
+            return (total((x.detach().cpu().double() - (total(x) / n).index_select(0, ids)) ** 2) / (n - 1)).sqrt()
+
+        m = mask.detach().cpu().double()
+        ent = total((entropy.detach().cpu().double() * m).sum(-1)) / total(m.sum(-1)).clamp_min(1)
+        tok = (total(ro.prompt_tokens) + total(clen)).long().tolist()
+        cols = {"reward_mean": total(reward) / n, "reward_std": std(reward), "accuracy": total(correct) / n,
+                "adv_std": std(adv), "kl": metrics["kl_mean"].detach().cpu(),
+                "clip_frac": metrics["clip_frac"].detach().cpu(), "entropy": ent, "response_len": total(clen) / n,
+                "truncated_frac": total(ro.truncated.float()) / n, "kept_frac": total(keep.float()) / n}
+        cols, out = {k: v.tolist() for k, v in cols.items()}, {}
         for a in self.ids:
-            rows = (ids == a).nonzero().squeeze(-1)
-            m = mask[rows.to(mask.device)]
-            tok = int(ro.prompt_tokens[rows].sum() + clen[rows].sum())
-            self.tokens[a] += tok
-            ent = float((entropy[rows.to(entropy.device)] * m).sum() / m.sum().clamp_min(1))
-            out[a] = {
-                "step": step, "adapter": a, "rank": self.engine.adapter_spec(a).rank,
-                "reward_mean": float(reward[rows].mean()), "reward_std": float(reward[rows].std()),
-                "accuracy": float(correct[rows].mean()), "adv_std": float(adv[rows.to(adv.device)].std()),
-                "kl": float(metrics["kl_mean"][a]), "clip_frac": float(metrics["clip_frac"][a]),
-                "entropy": ent, "response_len": float(clen[rows].mean()),
-                "truncated_frac": float(ro.truncated[rows].float().mean()),
-                "kept_frac": float(keep[rows].float().mean()), "grad_norm": grad_norms[a],
-                "skipped": a in skipped, "tokens_step": tok, "tokens_total": self.tokens[a],
-                "wall_s": wall,
-            }
+            self.tokens[a] += tok[a]
+            out[a] = {"step": step, "adapter": a, "rank": self.engine.adapter_spec(a).rank,
+                      **{k: float(v[a]) for k, v in cols.items()}, "grad_norm": grad_norms[a],
+                      "skipped": a in skipped, "tokens_step": tok[a], "tokens_total": self.tokens[a], "wall_s": wall}
         return out
 
     # -- evaluation ---------------------------------------------------------------------
