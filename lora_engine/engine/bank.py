@@ -19,7 +19,7 @@ from torch import nn
 from lora_engine.engine import methods
 from lora_engine.engine.methods import LAYOUTS, RANKED, method_of, storage_name
 from lora_engine.engine.packing import (AdapterView, ModuleLayout, build_layout, check_new_adapter, extend_layout,
-                                        restack, view_index)
+                                        pack_kernel_pair, restack, view_index)
 from lora_engine.engine.spec import AdapterSpec, layer_index, matches
 from lora_engine.kernels.lora import LoRALayout
 
@@ -373,24 +373,9 @@ class AdapterBank(nn.Module):
             if key not in memo:
                 memo[key] = self.kernel_pair(name, dtype)
             return memo[key]
-        info, store = self.modules_info[name], self.store[_key(name)]
-        if not lay.groups:
-            return (torch.zeros(0, info.in_features, device=info.device, dtype=dtype),
-                    torch.zeros(info.out_features, 0, device=info.device, dtype=dtype))
-        parts_a, parts_b = [], []
-        for g in lay.groups:
-            m = methods.TABLE[g.method]
-            t = {}
-            for kind in m.kernel_kinds:
-                buf, sel = store._parameters[storage_name(m, kind)], g.select[kind]
-                t[kind] = buf if sel is None else buf.index_select(LAYOUTS[m.layout_of(kind)], sel)
-            pa, pb = m.pack(t, g.context)
-            parts_a += pa
-            parts_b += pb
-        if lay.perm is None:
-            return parts_a[0].to(dtype), parts_b[0].to(dtype)
-        return (torch.cat(parts_a, 0).index_select(0, lay.perm).to(dtype),
-                torch.cat(parts_b, 1).index_select(1, lay.perm).to(dtype))
+        info = self.modules_info[name]
+        return pack_kernel_pair(self.store[_key(name)]._parameters, lay, info.in_features, info.out_features,
+                                info.device, dtype)
 
     def dora_scale(self, name: str, weight: torch.Tensor, memo: dict | None = None) -> torch.Tensor:
         """[num_slots, N] fp32: m_a / ||W + s_a B_a A_a||_c on the rows of the module's DoRA adapters, 1 elsewhere.
@@ -408,12 +393,4 @@ class AdapterBank(nn.Module):
         if info.w_sq is None or info.w_sq[0] != (weight.device, weight.dtype, weight.data_ptr()):
             # W is frozen; only a move or cast of the base model (.to/.cuda) changes it.
             info.w_sq = ((weight.device, weight.dtype, weight.data_ptr()), methods.column_norm_sq(weight))
-        a, b = store._parameters["lora_A"], store._parameters["lora_B"]
-        a = a if d.a_rows is None else a.index_select(0, d.a_rows)
-        b = b if d.b_cols is None else b.index_select(1, d.b_cols)
-        norms = methods.dora_norms(weight, a, b, d.scales, d.buckets, info.w_sq[1])
-        m = store._parameters["lora_magnitude_vector"]
-        m = m if d.m_rows is None else m.index_select(0, d.m_rows)
-        rows = m.float() / norms
-        ones = torch.ones(self.next_id, info.out_features, device=weight.device, dtype=rows.dtype)
-        return ones.index_copy(0, d.slots, rows)
+        return methods.dora_scale_rows(store._parameters, d, weight, info.w_sq[1], self.next_id)

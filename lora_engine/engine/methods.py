@@ -41,10 +41,6 @@ into their kernel rows at once (no loop over adapters). Where a module's kernel 
 of the LoRA family (lora, rslora, lora_plus, dora share one ``pack``), the kernel reads the
 lora_A / lora_B buffers themselves, no copy; a module mixing methods gathers the packs' rows
 into slot order once per forward (memoised while generating).
-
-PEFT export: each record maps its tensors to PEFT's per-module key suffixes (``to_peft``) and
-back (``from_peft``) and says which PEFT config it is (``peft_config``); the directory layout,
-key prefix and files are ``peft_format``'s.
 """
 from __future__ import annotations
 
@@ -55,8 +51,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from lora_engine.engine import adalora, extra_methods as em
-from lora_engine.engine.method_math import (column_norm_sq, dora_norm, dora_norms, kaiming_uniform,  # noqa: F401
-                                            vera_projections)
+from lora_engine.engine.method_math import (column_norm_sq, dora_norm, dora_norms, dora_scale_rows,  # noqa: F401
+                                            kaiming_uniform, vera_projections)
 
 LORA_PLUS_RATIO = 16.0
 
@@ -98,8 +94,7 @@ class Method:
     """One PEFT method. Functions take the adapter's ``AdapterSpec`` and, per module, ``t``: its
     tensors by kind.
 
-    name: the ``AdapterSpec.method`` value.
-    kinds: per-module ``(kind, layout)`` pairs, in the order checkpoints and optimiser states list
+    name: the ``AdapterSpec.method`` value. kinds: per-module ``(kind, layout)`` pairs, in the order checkpoints and optimiser states list
         them; the layout (``LAYOUTS``) says how the adapters' tensors of that kind stack in the bank.
     frozen: kinds that are saved but never trained (stored apart: ``storage_name``).
     init(spec, module, K, N, weight, generator) -> {kind: tensor}: step-0 tensors (fp32).
@@ -108,27 +103,22 @@ class Method:
         ``kernel_kinds`` stacked in layout (R = sum of their ranks), ``group`` is a ``PackGroup``.
         Adapter j's kernel rows are its rows of part 0, then of part 1, ... (f = kernel_factor).
         None when the method is not in the LoRA kernel (``full``).
-    kernel_kinds: the kinds ``pack`` reads.
-    kernel_factor: R' = kernel_factor * r (2 for PiSSA/MiLoRA's frozen half, 0 for ``full``).
+    kernel_kinds: the kinds ``pack`` reads; kernel_factor: R' = kernel_factor * r (2: PiSSA's frozen half).
     delta(spec, module, t, weight, vera) -> fp32 [N, K]: W_eff - W, no grad.
     epilogue: None, ``"column_scale"`` (DoRA's m / ||W + sBA||_c) or ``"dense"`` (``full``'s x dW^T).
-    row_scales: ``(kind, where, shift kind)`` terms of ``ops.routed_scale``: where is ``"in"`` (a
-        linear's input), ``"out"`` (its output) or ``"norm"`` (a norm's unit-affine output).
-    module_type: ``"linear"`` (wrapped nn.Linear) or ``"norm"`` (wrapped norm modules).
-    module_kinds(spec, module, info) -> kind names on that module (None: every kind).
-    default_targets: the targets of ``target_modules=None`` (None: the engine's).
+    row_scales: ``(kind, where, shift kind)`` terms of ``ops.routed_scale``, where = ``"in"`` / ``"out"``
+        (a linear's input / output) or ``"norm"``; module_type: ``"linear"`` or ``"norm"``.
+    module_kinds(spec, module, info) -> its kind names there (None: all); default_targets: of
+        ``target_modules=None`` (None: the engine's).
     scaled: the update is scaled by alpha/r (or alpha/sqrt(r)); False: s = 1.
     scale_rule(r, alpha) -> s, where the method has its own (AdaLoRA's alpha / (r + 1e-5)).
-    per_module_ranks: accepts rank_pattern/alpha_pattern.
-    needs_weight: init or forward reads the frozen base weight W.
-    rank_divisor: rank must be <= min(K, N) // rank_divisor.
-    shared_projection: VeRA's frozen projection pair shared across adapters and modules.
-    scaling: forces ``AdapterSpec.scaling`` (``rslora``), else None.
+    per_module_ranks: accepts rank_pattern/alpha_pattern; needs_weight: init or forward reads W;
+    rank_divisor: rank <= min(K, N) // rank_divisor; shared_projection: VeRA's frozen pair shared
+    across adapters and modules; scaling: forces ``AdapterSpec.scaling`` (``rslora``), else None;
     lora_plus_ratio: the default B learning-rate ratio.
-    peft_config(spec, targets) -> dict | None: the method's own PEFT config fields (None: no PEFT form).
-    peft_fields: the common fields its PEFT config class has.
-    to_peft(t) -> {suffix: tensor}: PEFT key suffixes after ``<prefix><module>.``.
-    from_peft(found, module, r) -> found: rewrite PEFT-named tensors into our kinds (in place).
+    peft_config(spec, targets) -> its own PEFT config fields (None: no PEFT form); peft_fields: the
+        common fields its PEFT config class has; to_peft(t) -> {PEFT suffix after ``<module>.``:
+        tensor}; from_peft(found, module, r): PEFT-named tensors into our kinds, in place.
     """
 
     name: str
@@ -345,9 +335,8 @@ _TABLE = (
            per_module_ranks=False, peft_config=adalora.peft_config, to_peft=adalora.to_peft,
            from_peft=adalora.from_peft),
     Method("miss", kinds=(("miss_B", COLS),), init=em.miss_init, pack=em.miss_pack, kernel_kinds=("miss_B",),
-           delta=em.miss_delta, scaled=False, peft_config=em.miss_peft_config,
-           peft_fields=("layers_to_transform", "bias"), to_peft=lambda t: {"miss_block": t["miss_B"].T},
-           from_peft=em.miss_from_peft),
+           delta=em.miss_delta, scaled=False, peft_config=em.miss_peft_config, peft_fields=("layers_to_transform",
+           "bias"), to_peft=lambda t: {"miss_block": t["miss_B"].T}, from_peft=em.miss_from_peft),
     Method("ia3", kinds=(("ia3_l", OUT), ("ia3_l_in", IN)), init=em.ia3_init, delta=em.ia3_delta, kernel_factor=0,
            row_scales=(("ia3_l_in", "in", None), ("ia3_l", "out", None)), module_kinds=em.ia3_kinds,
            default_targets=em.IA3_TARGETS, scaled=False, per_module_ranks=False, peft_config=em.ia3_peft_config,
@@ -384,7 +373,7 @@ def delta_weights(engine, i: int) -> dict[str, torch.Tensor]:
     """{module: W_eff - W} (fp32 [N, K], no grad) for every module adapter ``i`` of ``engine`` adapts.
 
     DoRA's is diag(m / ||W + sBA||_c) (W + sBA) - W; VeRA's diag(b) B_v diag(d) A_v; PiSSA's
-    s (B A - B0 A0); full fine-tuning's its dense dW.
+    s (B A - B0 A0); full's its dW; IA3's (diag(l) - I) W or W (diag(l_in) - I); LN tuning's w_a - w [d].
     """
     bank = engine.bank
     spec = engine.adapter_spec(i)
@@ -400,9 +389,8 @@ def param_groups(engine, i: int) -> list[dict]:
     [A-like at lr, B-like at lr * lora_plus_ratio].
 
     Frozen tensors (LoRA-FA's A, PiSSA's A0/B0) are left out. As PEFT's LoRA+ optimiser, B and
-    every 1-D tensor (DoRA's m, VeRA's d and b) take the LoRA+ rate (``lora_plus_rate``; the
-    bank's fused AdamW, ``engine.optimizer``, uses the same rule). Always two groups, in the
-    order plain-LoRA optimiser states were saved in.
+    every 1-D tensor take the LoRA+ rate (``lora_plus_rate``, as the fused ``BankAdamW``).
+    Always two groups, in the order plain-LoRA optimiser states were saved in.
     """
     spec = engine.adapter_spec(i)
     named = {n: p for n, p in engine.bank.named_parameters_of(i).items() if p.requires_grad}

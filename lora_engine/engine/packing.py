@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lora_engine.engine.methods import LAYOUTS, RANKED, PackGroup, buffer_layout, method_of, storage_name
+from lora_engine.engine.methods import LAYOUTS, RANKED, TABLE, PackGroup, buffer_layout, method_of, storage_name
 from lora_engine.engine.spec import pattern_key
 from lora_engine.kernels.lora import LoRALayout
 
@@ -294,6 +294,27 @@ def restack(store: nn.Module, old: ModuleLayout | None, new: ModuleLayout, pendi
                 for s in names:
                     prev = store._buffers.get(f"{b}__{s}")
                     store.register_buffer(f"{b}__{s}", stack(prev, zeros), persistent=False)
+
+
+def pack_kernel_pair(params: dict, lay: ModuleLayout, K: int, N: int, device, dtype):
+    """(A_all [sum R', K], B_all [N, sum R']) of a module's buffers ``params`` in slot order: each
+    method group's ``pack`` over all its adapters at once, then one gather (``lay.perm``)."""
+    if not lay.groups:
+        return torch.zeros(0, K, device=device, dtype=dtype), torch.zeros(N, 0, device=device, dtype=dtype)
+    parts_a, parts_b = [], []
+    for g in lay.groups:  # one per method group (a handful), never per adapter
+        m = TABLE[g.method]
+        t = {}
+        for kind in m.kernel_kinds:
+            buf, sel = params[storage_name(m, kind)], g.select[kind]
+            t[kind] = buf if sel is None else buf.index_select(LAYOUTS[m.layout_of(kind)], sel)
+        pa, pb = m.pack(t, g.context)
+        parts_a += pa
+        parts_b += pb
+    if lay.perm is None:
+        return parts_a[0].to(dtype), parts_b[0].to(dtype)
+    return (torch.cat(parts_a, 0).index_select(0, lay.perm).to(dtype),
+            torch.cat(parts_b, 1).index_select(1, lay.perm).to(dtype))
 
 
 def check_new_adapter(spec, names: list[str], modules_info: dict) -> None:

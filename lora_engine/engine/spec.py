@@ -12,6 +12,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 
 from lora_engine.checks import check_types
+from lora_engine.engine.adalora import AdaLoraSchedule
 from lora_engine.engine.methods import METHODS, TABLE
 
 SCALINGS = ("lora", "rslora")
@@ -19,36 +20,6 @@ INITS = ("default", "gaussian")
 # target_modules groups: a module belongs to one when its parent module has one of these names.
 TARGET_GROUPS = {"attention": ("self_attn", "attn", "attention", "self_attention"),
                  "mlp": ("mlp", "feed_forward", "ffn")}
-
-
-@dataclass(frozen=True)
-class AdaLoraSchedule:
-    """AdaLoRA's budget (PEFT's ``AdaLoraConfig`` fields; the initial rank is ``AdapterSpec.rank``).
-
-    target_r: average rank per module at the end. tinit / tfinal: steps without pruning at the
-    start / with the final mask at the end. delta_t: steps between two allocations (PEFT's
-    deltaT). beta1 / beta2: EMA of sensitivity / uncertainty. orth_reg_weight: the orthogonality
-    regulariser's weight. total_step: steps of the schedule (None: the trainer's ``steps``).
-    """
-
-    target_r: int = 8
-    tinit: int = 0
-    tfinal: int = 0
-    delta_t: int = 1
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
-    total_step: int | None = None
-
-    def __post_init__(self):
-        check_types(self)
-        if self.target_r < 1 or self.tinit < 0 or self.tfinal < 0 or self.delta_t < 1:
-            raise ValueError("AdaLoraSchedule: target_r and delta_t must be >= 1, tinit and tfinal >= 0")
-        if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1) or self.orth_reg_weight < 0:
-            raise ValueError("AdaLoraSchedule: beta1 and beta2 must lie in (0, 1), orth_reg_weight >= 0")
-        if self.total_step is not None and self.tinit >= self.total_step - self.tfinal:
-            raise ValueError(f"AdaLoraSchedule: tinit={self.tinit} leaves no budgeting phase before "
-                             f"total_step - tfinal = {self.total_step - self.tfinal}: lower tinit/tfinal")
 
 
 @dataclass(frozen=True)
