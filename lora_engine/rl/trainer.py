@@ -34,6 +34,7 @@ from lora_engine.rl import checkpoints
 from lora_engine.rl.config import TrainConfig, save_config, upgrade_saved_config
 from lora_engine.rl.models import load_base
 from lora_engine.engine.model import MultiLoRAModel
+from lora_engine.engine.adalora import RankAllocator
 from lora_engine.engine.peft_format import load_adapter_weights, save_adapter
 from lora_engine.rl.rollout import Rollouts, generate
 from lora_engine.rl.runinfo import run_info
@@ -50,6 +51,7 @@ class GRPOTrainer:
         self.ids = self.engine.adapter_ids
         self.task = task if task is not None else load_task(cfg.task, seed=cfg.data_seed)
         self.optimizers = {a: self._make_optimizer(a) for a in self.ids}
+        self.ranks = RankAllocator(self.engine.bank, cfg.steps)  # AdaLoRA's budget (a no-op without)
         self.step_idx = 0
         self.tokens = {a: 0 for a in self.ids}
         self.out = Path(cfg.output_dir)
@@ -211,7 +213,11 @@ class GRPOTrainer:
         optimiser state untouched. Returns {adapter: gradient norm} (nan where skipped)."""
         opt = BankAdamW.of(self.engine.bank)
         bad = ~torch.isfinite(losses.detach()).cpu()
+        penalty = self.ranks.orth_penalty()  # AdaLoRA's, each adapter's on its own tensors
+        if penalty is not None:
+            penalty.sum().backward()
         norms = opt.step(self.ids, self.cfg.max_grad_norm, skip=bad)
+        self.ranks.update(self.step_idx)  # the step fit() is running (PEFT's global_step)
         opt.zero_grad()
         norms[bad] = float("nan")
         return dict(zip(self.ids, norms[self.ids].tolist()))
