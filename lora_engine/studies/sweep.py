@@ -1,4 +1,4 @@
-"""Sweeps: a grid over rank x batch size x seed x lr x method, packed into concurrent groups.
+"""Sweeps: a grid over rank x batch x seed x lr x method x loss type, packed into concurrent groups.
 
 A spec (TOML) has a ``[fixed]`` table of ``TrainConfig`` fields shared by every run, a ``[grid]``
 table of lists, and optional ``[packing]`` limits:
@@ -12,7 +12,7 @@ table of lists, and optional ``[packing]`` limits:
     prompts_per_step = [4, 8]        # batch size = prompts_per_step x samples_per_prompt
     seed = [0, 1, 2]                 # each run's adapter seed: its init and its sampling
     lr = [2e-3]
-    method = ["lora"]
+    method = ["lora"]                # loss_type = ["grpo", "dapo"]: one trainer per loss type
     [packing]
     max_adapters_per_group = 8
     max_rows_per_step = 512          # sequences generated per step by one group
@@ -48,7 +48,7 @@ from lora_engine.rl import checkpoints
 from lora_engine.rl.config import TrainConfig, config_from_dict, tomllib
 from lora_engine.studies import results
 
-GRID_KEYS = ("rank", "prompts_per_step", "seed", "lr", "method", "alpha")
+GRID_KEYS = ("rank", "prompts_per_step", "seed", "lr", "method", "alpha", "loss_type")
 RESULT_FILE, FAILED_FILE = "result.json", "failed.json"
 
 
@@ -60,10 +60,12 @@ class Run:
     lr: float
     method: str
     alpha: float
+    loss_type: str = ""  # "": [fixed]'s; a grid of loss types never shares a group (one per trainer)
 
     @property
     def run_id(self) -> str:
-        return f"r{self.rank}_p{self.prompts_per_step}_lr{self.lr:g}_{self.method}_a{self.alpha:g}_s{self.seed}"
+        return (f"r{self.rank}_p{self.prompts_per_step}_lr{self.lr:g}_{self.method}_a{self.alpha:g}"
+                + (f"_{self.loss_type}" if self.loss_type else "") + f"_s{self.seed}")
 
 
 @dataclass(frozen=True)
@@ -146,14 +148,14 @@ def spec_from_dict(data: dict) -> SweepSpec:
     for k, v in grid.items():
         if not isinstance(v, list) or not v:
             raise ValueError(f"grid.{k} must be a non-empty list, got {v!r}")
-    defaults = {"prompts_per_step": [fixed.pop("prompts_per_step", 8)], "seed": [0],
-                "lr": [fixed.pop("lr", 1e-5)], "method": ["lora"], "alpha": [fixed.pop("alpha", 32.0)]}
+    defaults = {"prompts_per_step": [fixed.pop("prompts_per_step", 8)], "seed": [0], "lr": [fixed.pop("lr", 1e-5)],
+                "method": ["lora"], "alpha": [fixed.pop("alpha", 32.0)], "loss_type": [""]}
     axes = {k: grid.get(k, defaults.get(k)) for k in GRID_KEYS}
-    runs = [Run(rank=int(r), prompts_per_step=int(p), seed=int(s), lr=float(lr), method=str(m), alpha=float(a))
-            for r, p, s, lr, m, a in itertools.product(*(axes[k] for k in GRID_KEYS))]
+    runs = [Run(rank=int(r), prompts_per_step=int(p), seed=int(s), lr=float(lr), method=str(m), alpha=float(a),
+                loss_type=str(lt)) for r, p, s, lr, m, a, lt in itertools.product(*(axes[k] for k in GRID_KEYS))]
     # Validate every run as a config now, not an hour into the sweep.
     for run in runs:
-        config_from_dict({**fixed, "adapters": [_adapter(run)]})
+        config_from_dict({**fixed, **_loss(run), "adapters": [_adapter(run)]})
     packing = dict(data.get("packing", {}))
     bad = set(packing) - {"max_adapters_per_group", "max_rows_per_step", "memory_budget_mb", "reference_model"}
     if bad:
@@ -194,6 +196,10 @@ def module_dims_for(model: str, reference: str | None = None) -> list[tuple[int,
                      "machine: set packing.reference_model = 'qwen3-8b' to plan with Qwen3-8B shapes")
 
 
+def _loss(run: Run) -> dict:  # a gridded loss type overrides [fixed]'s
+    return {"loss_type": run.loss_type} if run.loss_type else {}
+
+
 def _adapter(run: Run) -> dict:
     return {"rank": run.rank, "alpha": run.alpha, "seed": run.seed, "lr": run.lr, "method": run.method,
             "name": run.run_id}
@@ -221,7 +227,7 @@ def pack(spec: SweepSpec, module_dims: list[tuple[int, int]] | None = None) -> l
                              f"{spec.max_rows_per_step}: raise the limit or lower prompts_per_step")
         for g, (n_rows, n_mem) in enumerate(loads):
             if (len(groups[g]) < spec.max_adapters_per_group and n_rows + rows <= spec.max_rows_per_step
-                    and n_mem + mem <= spec.memory_budget_mb):
+                    and n_mem + mem <= spec.memory_budget_mb and groups[g][0].loss_type == run.loss_type):
                 groups[g].append(run)
                 loads[g] = (n_rows + rows, n_mem + mem)
                 break
@@ -233,7 +239,7 @@ def pack(spec: SweepSpec, module_dims: list[tuple[int, int]] | None = None) -> l
 
 def group_config(spec: SweepSpec, g: int, out_dir: Path) -> TrainConfig:
     runs = spec.groups[g]
-    return config_from_dict({**spec.fixed, "adapters": [_adapter(r) for r in runs],
+    return config_from_dict({**spec.fixed, **_loss(runs[0]), "adapters": [_adapter(r) for r in runs],
                              "prompts_per_step": [r.prompts_per_step for r in runs],
                              "output_dir": str(out_dir / "groups" / f"group_{g:03d}")})
 
@@ -319,7 +325,7 @@ def run_group(spec: SweepSpec, g: int, out_dir, base=None, task=None):
 def _run_columns(run: Run, g: int, cfg: TrainConfig) -> dict:
     """The configuration columns of a run's row (results.COLUMNS), finished or failed."""
     return {"run_id": run.run_id, "group": g, "rank": run.rank, "alpha": run.alpha, "method": run.method,
-            "lr": run.lr, "seed": run.seed, "prompts_per_step": run.prompts_per_step,
+            "loss_type": cfg.loss_type, "lr": run.lr, "seed": run.seed, "prompts_per_step": run.prompts_per_step,
             "samples_per_prompt": cfg.samples_per_prompt,
             "batch_size": results.batch_size(run.prompts_per_step, cfg.samples_per_prompt), "steps": cfg.steps}
 
@@ -337,6 +343,7 @@ def _record_group(out_dir: Path, g: int, spec: SweepSpec, cfg: TrainConfig, trai
             **_run_columns(run, g, cfg),
             "base_score": summary["base"], "final_score": fin["pass@1"], "gain": fin["pass@1"] - summary["base"],
             "tokens": summary["tokens"][str(a)], "trainable_params": n_params,
+            "base_params": sum(p.numel() for p in trainer.engine.model.parameters() if not p.requires_grad),
             "optimizer_bytes": 8 * n_params,  # two fp32 AdamW moments
             "checkpoint_bytes": _dir_bytes(checkpoints.adapter_dir(ckpt, a)),
             "entropy_initial": ini["entropy"], "entropy_final": fin["entropy"],
