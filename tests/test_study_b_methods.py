@@ -162,3 +162,42 @@ def test_trainable_share_per_method():
     assert counts["ln_tuning"] == 64 * 5, "two norms per layer and the final norm"
     assert counts["adalora"] == counts["lora"] + 4 * 14, "LoRA's P, Q plus r singular values per module"
     assert counts["miss"] / total < counts["lora"] / total
+
+
+class OffsetRMSNorm(nn.Module):
+    """Gemma's form, n(x) * (1 + weight): not n(x) * weight, which LN tuning relies on."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+
+class _OffsetModel(_LNModel):
+    def __init__(self):
+        super().__init__()
+        self.norm = OffsetRMSNorm(8)
+
+
+@pytest.mark.parametrize("make,match", [
+    pytest.param(lambda: le.AdapterSpec(rank=2, adalora={"target_r": 1}), "AdaLoRA's schedule", id="schedule-on-lora"),
+    pytest.param(lambda: le.AdapterSpec(rank=2, method="adalora", adalora={"target": 1}), "unknown field",
+                 id="schedule-unknown-field"),
+    pytest.param(lambda: le.AdapterSpec(rank=2, method="adalora", adalora={"tinit": 5, "total_step": 5}),
+                 "no budgeting phase", id="schedule-no-budget-phase"),
+    pytest.param(lambda: le.AdapterSpec(rank=2, method="adalora", adalora={"beta1": 1.0}), "beta1", id="beta-range"),
+    pytest.param(lambda: le.AdapterSpec(rank=2, feedforward_modules=("down_proj",)), "IA3's", id="ff-on-lora"),
+    pytest.param(lambda: le.AdapterSpec(rank=2, method="ia3", rank_pattern={"q_proj": 4}), "does not apply",
+                 id="ia3-rank_pattern"),
+    pytest.param(lambda: le.MultiLoRAModel(_OffsetModel(), [le.AdapterSpec(rank=1, method="ln_tuning",
+                                                                            target_modules=("norm",))]),
+                 "not n\\(x\\) \\* weight", id="ln-tuning-offset-norm"),
+    pytest.param(lambda: le.MultiLoRAModel(tiny_model(), [le.AdapterSpec(rank=1, method="ia3",
+                                                                          target_modules=("input_layernorm",))]),
+                 "match no wrapped", id="ia3-on-a-norm"),
+])
+def test_bad_input_value_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
