@@ -393,4 +393,4 @@ class AdapterBank(nn.Module):
         if info.w_sq is None or info.w_sq[0] != (weight.device, weight.dtype, weight.data_ptr()):
             # W is frozen; only a move or cast of the base model (.to/.cuda) changes it.
             info.w_sq = ((weight.device, weight.dtype, weight.data_ptr()), methods.column_norm_sq(weight))
-        return methods.dora_scale_rows(store._parameters, d, weight, info.w_sq[1], self.next_id)
+        return methods.dora_scale_rows(store._parameters, d, weight, info.w_sq[1], self.next_id, methods.dora_norms)
