@@ -41,6 +41,23 @@ from lora_engine.rl import checkpoints, ppo
 from lora_engine.rl.critic import ValueHeads, critic_spec
 
 
+def token_policy_loss(logp, old, adv, mask, ids, ref, A: int, cfg):
+    """Per-adapter [A] policy loss and metrics with per-token advantages ``adv`` [B, L]: every
+    valid token is a one-token row of ``ops.policy_loss`` (the fused op takes one advantage per
+    row), exact for the token-local, token-normalised loss types (``config.PPO_LOSS_TYPES``).
+    ``cfg``: the clip range, loss type and options; beta joins the loss with kl_penalty = "loss"."""
+    sel = mask > 0
+    here, local = torch.unique(ids[:, None].expand_as(mask)[sel], return_inverse=True)
+    col = lambda t: t[sel][:, None]  # noqa: E731
+    part, mt = ops.policy_loss(
+        col(logp), col(old), adv[sel], torch.ones_like(col(logp)), local,
+        ref_logp=col(ref) if ref is not None else None, loss_type=cfg.loss_type, eps_low=cfg.eps_low,
+        eps_high=cfg.eps_high, delta=cfg.delta, beta=cfg.beta if cfg.kl_penalty == "loss" else 0.0,
+        num_adapters=here.numel(), **cfg.loss_options)
+    losses = part.new_zeros(A).index_add(0, here, part)
+    return losses, {k: v.new_zeros(A).index_copy(0, here, v) for k, v in mt.items()}
+
+
 class PPOStep:
     """The PPO side of a ``GRPOTrainer`` (``trainer.ppo``): critics, value heads, the step."""
 
@@ -129,7 +146,9 @@ class PPOStep:
                                         clip=cfg.value_clip or None)
                 loss = cfg.vf_coef * (vl * w).sum()
                 if not warm:
-                    pl, mt = self._policy_loss(out, old[idx], adv[idx], m, pid, ref[idx] if ref is not None else None, A)
+                    old_t = old[idx] if cfg.inner_updates > 1 else out["logp"].detach()
+                    pl, mt = token_policy_loss(out["logp"], old_t, adv[idx], m, pid,
+                                               ref[idx] if ref is not None else None, A, cfg)
                     loss = loss + (pl * w).sum()
                     pol += pl.detach() * w
                     part = {k: v * w for k, v in mt.items()}
@@ -151,22 +170,6 @@ class PPOStep:
         rows = tr._step_metrics(step, ro, reward, correct, adv_seq.cpu(), torch.ones_like(reward, dtype=torch.bool),
                                 mask, entropy, metrics, grad_norms, skipped, time.perf_counter() - t0)
         return self._critic_metrics(rows, ids, mask, adv_raw, old_v, returns, val, vclip, norms, skip, warm)
-
-    def _policy_loss(self, out, old, adv, m, pid, ref, A):
-        """Per-adapter [A] policy loss and metrics with per-token advantages: every valid token
-        is a one-token row of the fused op (exact for token-local, token-mean loss types)."""
-        cfg = self.tr.cfg
-        sel = m > 0
-        here, local = torch.unique(pid[:, None].expand_as(m)[sel], return_inverse=True)
-        logp = out["logp"]
-        old_t = old if cfg.inner_updates > 1 else logp.detach()
-        part, mt = ops.policy_loss(
-            logp[sel][:, None], old_t[sel][:, None], adv[sel], torch.ones_like(logp[sel][:, None]), local,
-            ref_logp=ref[sel][:, None] if ref is not None else None, loss_type=cfg.loss_type,
-            eps_low=cfg.eps_low, eps_high=cfg.eps_high, delta=cfg.delta,
-            beta=cfg.beta if cfg.kl_penalty == "loss" else 0.0, num_adapters=here.numel(), **cfg.loss_options)
-        losses = part.new_zeros(A).index_add(0, here, part)
-        return losses, {k: v.new_zeros(A).index_copy(0, here, v) for k, v in mt.items()}
 
     def _bank_step(self, pol: torch.Tensor, val: torch.Tensor, warm: bool):
         """Policies (unless ``warm``) and critics in one fused AdamW over the bank, each critic
