@@ -146,6 +146,15 @@ def test_full_scale_study_spec_groups_under_memory_budget():
     assert len(groups) < 216 / 4, "concurrency must cut the number of base-model passes by > 4x"
 
 
+def test_tiny_study_a_spec_is_ppo_and_packs_into_two_groups():
+    from pathlib import Path
+
+    spec = load_spec(Path(__file__).parents[1] / "examples/studies/rank_batch_seed_tiny_ppo.toml")
+    assert spec.fixed["algorithm"] == "ppo" and len(spec.runs) == 24
+    assert [len(g) for g in spec.groups] == [12, 12]
+    assert sweep.group_config(spec, 0, Path("/tmp/x")).algorithm == "ppo"
+
+
 def test_memory_budget_needs_model_shapes():
     with pytest.raises(ValueError, match="reference_model"):
         spec_from_dict({"fixed": {"model": "/nonexistent/model"}, "grid": {"rank": [1]},
