@@ -108,7 +108,7 @@ class PPOStep:
         old, vals = torch.zeros(shape, device=self.device), torch.zeros(shape, device=self.device)
         ref = torch.zeros(shape, device=self.device) if self.tr.cfg.beta > 0 else None
         for idx in chunks:
-            out = self.forward(self.tr._select(ro, idx), policy=True, base=ref is not None)
+            out = self.forward(ro.select(idx), policy=True, base=ref is not None)
             old[idx], vals[idx] = out["logp"], out["values"]
             if ref is not None:
                 ref[idx] = out["ref"]
@@ -139,7 +139,7 @@ class PPOStep:
             pol, val, vclip = (torch.zeros(A, device=self.device) for _ in range(3))
             metrics = None
             for idx in chunks:
-                sub, m, pid = tr._select(ro, idx), mask[idx], ids[idx]
+                sub, m, pid = ro.select(idx), mask[idx], ids[idx]
                 out = self.forward(sub, policy=not warm, base=False, entropy=True)
                 w = loss_normalisers(pid, m, A, "dapo")[1] / full_tok
                 vl, vc = ppo.value_loss(out["values"], old_v[idx], returns[idx], m, pid, A,

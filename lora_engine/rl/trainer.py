@@ -13,11 +13,8 @@ where AGG is TRL's ``loss_type`` (grpo | bnpo | dr_grpo | dapo | luspo; cispo, s
 replace the clipped term by their own surrogates, ``kernels.policy_loss.naive``) taken over
 adapter a's own sequences and tokens only; ``kl_correction`` multiplies k3 by r_it (TRL's
 ``use_bias_correction_kl``). Groups dropped by ``drop_zero_variance`` leave every normaliser.
-R_i = task correctness (+ format bonus, + length penalty). The
-trainer minimises sum_a L_a: the gradient is block-diagonal, so every adapter gets exactly the
-update it would get alone, with its own AdamW (lr, LoRA+ ratio for B, weight decay), its own
-gradient clipping, and a NaN/inf in one adapter skips only that adapter's step.
-
+R_i = task correctness (+ format bonus, + length penalty). sum_a L_a has a block-diagonal
+gradient: each adapter gets the update it gets alone, with its own AdamW, clipping and NaN skip.
 One step: rollout -> rewards -> advantages -> old/ref log-probs -> fused loss -> per-adapter step.
 ``algorithm = "ppo"`` replaces the advantages by a critic per adapter (``rl.ppo_step``).
 """
@@ -41,7 +38,7 @@ from lora_engine.engine.model import MultiLoRAModel
 from lora_engine.engine.peft_format import load_adapter_weights, save_adapter
 from lora_engine.rl.metrics import print_summary
 from lora_engine.rl.ppo_step import PPOStep
-from lora_engine.rl.rollout import Rollouts, generate, select_rows
+from lora_engine.rl.rollout import Rollouts, generate
 from lora_engine.rl.runinfo import run_info
 from lora_engine.rl.tasks import load_task
 
@@ -160,7 +157,7 @@ class GRPOTrainer:
             total = torch.zeros(A, device=device)
             metrics = None
             for idx in chunks:
-                sub = self._select(ro, idx)
+                sub = ro.select(idx)
                 logp, ent = self.token_logprobs(sub, sub.adapter_ids, entropy=True)
                 entropy[idx] = ent.detach()
                 # Only this micro-batch's adapters, by compact ids scattered back into [A]: the CPU
@@ -195,14 +192,12 @@ class GRPOTrainer:
         n = self.cfg.micro_batch_size or max(len(rows), 1)
         return [rows[i:i + n] for i in range(0, len(rows), n)]
 
-    _select = staticmethod(select_rows)  # the rows idx of a rollout batch (rl.rollout)
-
     def _stitch(self, ro: Rollouts, chunks, base: bool) -> torch.Tensor:
         """[B, C] log-probs of the whole batch computed one micro-batch at a time (no grad):
         each row's own adapter, or with ``base`` the base model (the reference policy)."""
         out = torch.zeros(ro.completion_mask.shape, device=ro.input_ids.device)
         for idx in chunks:
-            sub = self._select(ro, idx)
+            sub = ro.select(idx)
             ids = torch.full_like(sub.adapter_ids, -1) if base else sub.adapter_ids
             out[idx] = self.token_logprobs(sub, ids)
         return out
