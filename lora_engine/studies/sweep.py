@@ -12,7 +12,7 @@ table of lists, and optional ``[packing]`` limits:
     prompts_per_step = [4, 8]        # batch size = prompts_per_step x samples_per_prompt
     seed = [0, 1, 2]                 # each run's adapter seed: its init and its sampling
     lr = [2e-3]
-    method = ["lora"]                # loss_type = ["grpo", "dapo"]: one trainer per loss type
+    method = ["lora"]                # also loss_type = ["grpo", "dapo"]: one trainer per loss type
     [packing]
     max_adapters_per_group = 8
     max_rows_per_step = 512          # sequences generated per step by one group
@@ -64,8 +64,8 @@ class Run:
 
     @property
     def run_id(self) -> str:
-        return (f"r{self.rank}_p{self.prompts_per_step}_lr{self.lr:g}_{self.method}_a{self.alpha:g}"
-                + (f"_{self.loss_type}" if self.loss_type else "") + f"_s{self.seed}")
+        lt = f"_{self.loss_type}" * bool(self.loss_type)
+        return f"r{self.rank}_p{self.prompts_per_step}_lr{self.lr:g}_{self.method}_a{self.alpha:g}{lt}_s{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ def spec_from_dict(data: dict) -> SweepSpec:
                 loss_type=str(lt)) for r, p, s, lr, m, a, lt in itertools.product(*(axes[k] for k in GRID_KEYS))]
     # Validate every run as a config now, not an hour into the sweep.
     for run in runs:
-        config_from_dict({**fixed, **_loss(run), "adapters": [_adapter(run)]})
+        config_from_dict({**fixed, **({"loss_type": run.loss_type} if run.loss_type else {}), "adapters": [_adapter(run)]})
     packing = dict(data.get("packing", {}))
     bad = set(packing) - {"max_adapters_per_group", "max_rows_per_step", "memory_budget_mb", "reference_model"}
     if bad:
@@ -194,10 +194,6 @@ def module_dims_for(model: str, reference: str | None = None) -> list[tuple[int,
         return _dims_from_config(AutoConfig.from_pretrained(model))
     raise ValueError(f"packing.memory_budget_mb needs the model's layer shapes, but {model!r} is not on this "
                      "machine: set packing.reference_model = 'qwen3-8b' to plan with Qwen3-8B shapes")
-
-
-def _loss(run: Run) -> dict:  # a gridded loss type overrides [fixed]'s
-    return {"loss_type": run.loss_type} if run.loss_type else {}
 
 
 def _adapter(run: Run) -> dict:
@@ -242,7 +238,8 @@ def pack(spec: SweepSpec, module_dims: list[tuple[int, int]] | None = None) -> l
 
 def group_config(spec: SweepSpec, g: int, out_dir: Path) -> TrainConfig:
     runs = spec.groups[g]
-    return config_from_dict({**spec.fixed, **_loss(runs[0]), "adapters": [_adapter(r) for r in runs],
+    lt = {"loss_type": runs[0].loss_type} if runs[0].loss_type else {}  # a gridded loss type overrides [fixed]'s
+    return config_from_dict({**spec.fixed, **lt, "adapters": [_adapter(r) for r in runs],
                              "prompts_per_step": [r.prompts_per_step for r in runs],
                              "output_dir": str(out_dir / "groups" / f"group_{g:03d}")})
 
@@ -329,8 +326,8 @@ def _run_columns(run: Run, g: int, cfg: TrainConfig) -> dict:
     """The configuration columns of a run's row (results.COLUMNS), finished or failed."""
     return {"run_id": run.run_id, "group": g, "rank": run.rank, "alpha": run.alpha, "method": run.method,
             "loss_type": cfg.loss_type, "lr": run.lr, "seed": run.seed, "prompts_per_step": run.prompts_per_step,
-            "samples_per_prompt": cfg.samples_per_prompt,
-            "batch_size": results.batch_size(run.prompts_per_step, cfg.samples_per_prompt), "steps": cfg.steps}
+            "samples_per_prompt": cfg.samples_per_prompt, "steps": cfg.steps,
+            "batch_size": results.batch_size(run.prompts_per_step, cfg.samples_per_prompt)}
 
 
 def _record_group(out_dir: Path, g: int, spec: SweepSpec, cfg: TrainConfig, trainer, summary: dict) -> None:
@@ -342,11 +339,11 @@ def _record_group(out_dir: Path, g: int, spec: SweepSpec, cfg: TrainConfig, trai
         a = trainer.ids[i]
         ini, fin = summary["initial"][str(a)], summary["final"][str(a)]
         n_params = sum(p.numel() for p in trainer.engine.adapter_parameters(a))
+        n_base = sum(p.numel() for p in trainer.engine.model.parameters() if not p.requires_grad)
         row = {
             **_run_columns(run, g, cfg),
             "base_score": summary["base"], "final_score": fin["pass@1"], "gain": fin["pass@1"] - summary["base"],
-            "tokens": summary["tokens"][str(a)], "trainable_params": n_params,
-            "base_params": sum(p.numel() for p in trainer.engine.model.parameters() if not p.requires_grad),
+            "tokens": summary["tokens"][str(a)], "trainable_params": n_params, "base_params": n_base,
             "optimizer_bytes": 8 * n_params,  # two fp32 AdamW moments
             "checkpoint_bytes": _dir_bytes(checkpoints.adapter_dir(ckpt, a)),
             "entropy_initial": ini["entropy"], "entropy_final": fin["entropy"],
