@@ -113,9 +113,9 @@ class TokenRewards:
             path = build_tiny_teacher(progress=cfg.progress) if cfg.teacher_model == "tiny" else cfg.teacher_model
             self.teacher = Teacher.load(path, tokenizer, dtype=cfg.dtype, device=device, progress=cfg.progress)
 
-    def deposits(self, problems, ro, reward: torch.Tensor, student_logp) -> Deposits:
-        """Every row's deposits by its adapter's regime; ``student_logp()`` gives the [N, C]
-        log-probs of the rows under their own adapters (called only for distillation)."""
+    def deposits(self, problems, ro, reward: torch.Tensor) -> Deposits:
+        """Every row's deposits by its adapter's regime. Distillation's student log-probs are the
+        rollout's own (``ro.sampling_logp``: the policy that sampled, at the sampling temperature)."""
         mask = ro.completion_mask.bool()
         regime = [self.regimes[a] for a in ro.adapter_ids.tolist()]
         out = last_token_deposits(reward, mask)
@@ -129,14 +129,14 @@ class TokenRewards:
                                               ro.completion_ids, mask)
             else:
                 from lora_engine.rl.distill import distillation_rewards
-                values = distillation_rewards(self.teacher, ro, student_logp(), self.cfg.temperature)
+                values = distillation_rewards(self.teacher, ro, ro.sampling_logp, self.cfg.temperature)
                 placed = mask
             sel = rows[:, None]
             out = Deposits(torch.where(sel, values.to(out.values.device), out.values),
                            torch.where(sel, placed.to(mask.device), out.placed))
         return out
 
-    def advantages(self, problems, ro, reward, groups, student_logp) -> tuple[torch.Tensor, torch.Tensor]:
+    def advantages(self, problems, ro, reward, groups) -> tuple[torch.Tensor, torch.Tensor]:
         """``(advantages, keep [N] bool)``: ``[N]`` from ``group_advantages`` when every adapter's
         regime is outcome (TRL's path), else ``[N, C]`` from the deposits; with
         ``drop_zero_variance`` a group whose advantages are all 0 is not kept."""
@@ -144,7 +144,7 @@ class TokenRewards:
             adv, keep, _ = group_advantages(reward, groups, scale=self.cfg.scale_rewards,
                                             drop_zero_variance=self.cfg.drop_zero_variance)
             return adv, keep
-        dep = self.deposits(problems, ro, reward, student_logp)
+        dep = self.deposits(problems, ro, reward)
         adv, _ = deposit_advantages(dep.values, ro.completion_mask.bool(), groups, placed=dep.placed,
                                     dense_threshold=self.cfg.dense_threshold, scale=self.cfg.scale_rewards)
         keep = torch.ones(adv.shape[0], dtype=torch.bool)

@@ -132,8 +132,7 @@ class GRPOTrainer:
         reward, correct = self.rewards(problems, ro)
         adapter_ids = ro.adapter_ids
         groups = make_group_ids(adapter_ids, torch.tensor(prompt_of))
-        adv, keep = self.token_rewards.advantages(problems, ro, reward, groups, lambda: self._stitch(  # [B] or [B, C]
-            ro, self._micro_batches(len(problems), ro.input_ids.device), base=False))
+        adv, keep = self.token_rewards.advantages(problems, ro, reward, groups)  # [B], or [B, C] (rl.token_rewards)
         mask = ro.completion_mask.float() * keep.float()[:, None].to(ro.completion_mask.device)
         device = ro.input_ids.device
         adv, ids_dev = adv.to(device), adapter_ids.to(device)
