@@ -102,6 +102,24 @@ def test_optim_step_flushes_the_queue_for_every_handle():
     assert len(calls) == 1 and all(p.grad is None for p in b.parameters())
 
 
+def test_gradients_after_an_adapter_is_added_between_steps():
+    """Adding an adapter lays the buffers out anew: gradients move with their adapters, and a
+    handle's next backward (into the new buffers) is seen (the server's flow: a second training
+    client created after the first one stepped)."""
+    client, a, b = _client()
+    a.forward_backward(_batch(2, 4, 3, seed=3)), b.forward_backward(_batch(2, 4, 3, seed=4))
+    a.optim_step(lr=1e-2)  # one backward for both, then a's gradient cleared
+    kept = _grads(b).clone()
+    c = client.create_adapter(rank=3, alpha=6, seed=2)
+    assert all(p.grad is None for p in a.parameters()), "a's cleared gradient came back"
+    assert torch.equal(_grads(b), kept), "b's gradient did not move with it"
+    assert all(p.grad is None or not p.grad.any() for p in c.parameters())
+    a.forward_backward(_batch(2, 4, 3, seed=5))
+    a.optim_step(lr=1e-2)  # raised "has no gradient" when the new buffers' accumulations went unseen
+    assert all(p.grad is None for p in a.parameters())
+    assert torch.equal(_grads(b), kept), "a's backward and step touched b's gradient"
+
+
 def _reference_logp(client, handle, batch):
     """log p(token t | prefix) from the full logits of the model's ordinary forward, fp64."""
     pos = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)

@@ -334,7 +334,7 @@ def test_dropped_groups_leave_every_normaliser(tmp_path, loss_type):
     tr.step(0)
     kept = torch.tensor([j == 1 for j in prompt_of])
     adv, _, _ = group_advantages(reward[kept], torch.zeros(int(kept.sum()), dtype=torch.long))
-    sub = twin._select(ro, kept.nonzero().squeeze(1))
+    sub = ro.select(kept.nonzero().squeeze(1))
     logp = twin.token_logprobs(sub, sub.adapter_ids)
     losses, _ = ops.policy_loss(logp, logp.detach(), adv, sub.completion_mask.float(), sub.adapter_ids,
                                 loss_type=loss_type, num_adapters=1, max_completion_length=5)

@@ -201,6 +201,7 @@ class AdapterBank(nn.Module):
                 restack(self.store[_key(name)], self._layouts.get(name), new, pending, self.state_names,
                         self.dtype, info.device)
                 self._views = {k: v for k, v in self._views.items() if k[1] != name}
+                self._rewatch(name)
             self._layouts[name] = new
         self._pending = {}
         self._dirty = set()
@@ -295,21 +296,30 @@ class AdapterBank(nn.Module):
     def _is_cleared(self, key) -> bool:
         return key in self._cleared and self._cleared[key] == self._gen.get((key[1], key[3]), 0)
 
-    def _clear_grad(self, key, buffer: nn.Parameter, index) -> None:
+    def _watch(self, buffer: nn.Parameter, where) -> None:
+        # Counts the buffer's gradient accumulations: a cleared view reads None until the next one.
         if getattr(buffer, "_le_bank", None) is not self:
-            # Counts the buffer's gradient accumulations: a cleared view reads None until the next one.
-            ref, where = weakref.ref(self), (key[1], key[3])
-
-            def bump(_, ref=ref, where=where) -> None:
-                bank = ref()
-                if bank is not None:
-                    bank._gen[where] = bank._gen.get(where, 0) + 1
-
+            def bump(_, ref=weakref.ref(self), where=where) -> None:
+                if ref() is not None:
+                    ref()._gen[where] = ref()._gen.get(where, 0) + 1
             buffer.register_post_accumulate_grad_hook(bump)
             buffer._le_bank = self
+
+    def _clear_grad(self, key, buffer: nn.Parameter, index) -> None:
+        self._watch(buffer, (key[1], key[3]))
         if buffer.grad is not None:
             buffer.grad[index].zero_()
         self._cleared[key] = self._gen.get((key[1], key[3]), 0)
+
+    def _rewatch(self, name: str) -> None:
+        # Module name's buffers were laid out anew: views cleared on the old ones stay cleared.
+        cleared = [k for k in self._cleared if k[1] == name and self._is_cleared(k)]
+        self._cleared = {k: v for k, v in self._cleared.items() if k[1] != name}
+        self._gen = {w: g for w, g in self._gen.items() if w[0] != name}
+        store = self.store[_key(name)]
+        for k in cleared:
+            self._watch(store._parameters[k[3]], (name, k[3]))
+            self._cleared[k] = 0
 
     def has_grad(self, i: int) -> bool:
         return any(p.grad is not None for p in self.parameters_of(i))

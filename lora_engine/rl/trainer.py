@@ -13,11 +13,9 @@ where AGG is TRL's ``loss_type`` (grpo | bnpo | dr_grpo | dapo | luspo; cispo, s
 replace the clipped term by their own surrogates, ``kernels.policy_loss.naive``) taken over
 adapter a's own sequences and tokens only; ``kl_correction`` multiplies k3 by r_it (TRL's
 ``use_bias_correction_kl``). Groups dropped by ``drop_zero_variance`` leave every normaliser.
-R_i = task correctness (+ format, + length); process/distillation rewards: A_it (rl.token_rewards). The
-trainer minimises sum_a L_a: the gradient is block-diagonal, so every adapter gets exactly the
-update it would get alone, with its own AdamW (lr, LoRA+ ratio for B, weight decay), its own
-gradient clipping, and a NaN/inf in one adapter skips only that adapter's step.
-
+R_i = task correctness (+ format, + length); process / distillation rewards give A_it (rl.token_rewards).
+sum_a L_a has a block-diagonal gradient: each adapter gets the update it gets alone, with its own
+AdamW, clipping and NaN skip.
 One step: rollout -> rewards -> advantages -> old/ref log-probs -> fused loss -> per-adapter step.
 """
 from __future__ import annotations
@@ -154,7 +152,7 @@ class GRPOTrainer:
             total = torch.zeros(A, device=device)
             metrics = None
             for idx in chunks:
-                sub = self._select(ro, idx)
+                sub = ro.select(idx)
                 logp, ent = self.token_logprobs(sub, sub.adapter_ids, entropy=True)
                 entropy[idx] = ent.detach()
                 # Only this micro-batch's adapters, by compact ids scattered back into [A]: the CPU
@@ -189,26 +187,12 @@ class GRPOTrainer:
         n = self.cfg.micro_batch_size or max(len(rows), 1)
         return [rows[i:i + n] for i in range(0, len(rows), n)]
 
-    @staticmethod
-    def _select(ro: Rollouts, idx: torch.Tensor) -> Rollouts:
-        """The rows idx of a rollout batch (same prompt width P and completion width C)."""
-        B = ro.input_ids.shape[0]
-        if idx.numel() == B and bool((idx.cpu() == torch.arange(B)).all()):  # every row, in order
-            return ro
-        def take(t):
-            return t[idx.to(t.device)]
-        return Rollouts(input_ids=take(ro.input_ids), attention_mask=take(ro.attention_mask),
-                        completion_ids=take(ro.completion_ids), completion_mask=take(ro.completion_mask),
-                        sampling_logp=take(ro.sampling_logp), truncated=take(ro.truncated),
-                        adapter_ids=take(ro.adapter_ids), prompt_len=ro.prompt_len,
-                        prompt_tokens=take(ro.prompt_tokens))
-
     def _stitch(self, ro: Rollouts, chunks, base: bool) -> torch.Tensor:
         """[B, C] log-probs of the whole batch computed one micro-batch at a time (no grad):
         each row's own adapter, or with ``base`` the base model (the reference policy)."""
         out = torch.zeros(ro.completion_mask.shape, device=ro.input_ids.device)
         for idx in chunks:
-            sub = self._select(ro, idx)
+            sub = ro.select(idx)
             ids = torch.full_like(sub.adapter_ids, -1) if base else sub.adapter_ids
             out[idx] = self.token_logprobs(sub, ids)
         return out
