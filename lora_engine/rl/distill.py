@@ -5,9 +5,9 @@
 ``pi`` is the student (the adapter being trained, as it sampled: the rollout's sampling log-probs),
 ``pi_T`` a second, frozen base model in memory: any size, but the student's vocabulary
 (:func:`check_same_vocab`, a clear error otherwise). Both log-probs are taken at the sampling
-temperature, so a teacher identical to the student gives r_t = 0 (up to rounding). The expectation of -r_t over the student's samples is
-KL(pi || pi_T): maximising the summed reward is on-policy distillation (the GKD / Tinker
-cookbook reverse-KL reward). The teacher's log-probs go through the fused path: one decoder
+temperature, so a teacher identical to the student gives r_t = 0 (up to rounding). The
+expectation of -r_t over the student's samples is KL(pi || pi_T): maximising the summed reward
+is on-policy distillation (the GKD / Tinker cookbook reverse-KL reward). The teacher's log-probs go through the fused path: one decoder
 pass to the final hidden states, then ``ops.masked_token_logprobs`` on the completion tokens
 only (no [T, V] logits on the GPU path).
 """

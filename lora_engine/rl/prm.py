@@ -158,7 +158,8 @@ class ProcessRewardModel:
             cols = torch.tensor([c for j in range(ids.shape[0]) for c in at[i + j]], dtype=torch.long)
             if not len(rows):
                 continue
-            hidden = decoder(input_ids=ids, attention_mask=att).last_hidden_state[rows.to(ids.device), cols.to(ids.device)]
+            hidden = decoder(input_ids=ids, attention_mask=att).last_hidden_state
+            hidden = hidden[rows.to(ids.device), cols.to(ids.device)]  # [K, d]: the tag positions only
             good = ops.token_logprobs(hidden, head, torch.full_like(rows, self.good).to(ids.device))
             bad = ops.token_logprobs(hidden, head, torch.full_like(rows, self.bad).to(ids.device))
             scores += torch.sigmoid(good.float() - bad.float()).tolist()

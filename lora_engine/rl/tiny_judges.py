@@ -106,7 +106,10 @@ def prm_examples(n: int, seed: int, tokenizer) -> tuple[list[list[int]], list[li
     for p in make_problems(n, seed=seed, split="train"):
         x, y = operands(p["prompt"])
         u = rng.random()
-        answer = x + y if u < 0.5 else forgot_carry(x, y) if u < 0.75 else max(0, x + y + rng.choice([-11, -10, -1, 1, 9, 10]))
+        if u < 0.75:
+            answer = x + y if u < 0.5 else forgot_carry(x, y)
+        else:  # a nearby wrong sum (one draw only here: the stream the cached recipe was built with)
+            answer = max(0, x + y + rng.choice([-11, -10, -1, 1, 9, 10]))
         steps = ["\\boxed{", format_completion(str(answer))[len("\\boxed{"):]]
         ids, at = tagged_input(tokenizer, p["prompt"], steps, PRM_META["step_tag"], PRM_META["separator"])
         seqs.append(ids)
