@@ -16,10 +16,15 @@ from pathlib import Path
 
 from lora_engine.studies.analysis import usable
 
+ORDER = ("outcome", "process", "distillation")
 FIGURE = "regime_curves"
 CAPTION = "Per reward regime, mean over its runs: advantage std, response length, fraction truncated"
 CURVES = (("adv_std", "advantage std"), ("response_len", "response length (tokens)"),
           ("truncated_frac", "fraction truncated"))
+
+
+def _order(regime: str) -> tuple:
+    return (ORDER.index(regime) if regime in ORDER else len(ORDER), regime)
 
 
 def has_regimes(rows) -> bool:
@@ -38,11 +43,12 @@ def _mean_sd(xs) -> tuple[float, float]:
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else math.nan
 
 
-def _cell(xs, digits=3) -> str:
+def _cell(xs, signed: bool, digits: int = 3) -> str:
     m, sd = _mean_sd(xs)
     if not xs:
         return "—"
-    return f"{m:+.{digits}f}" + (f" ± {sd:.{digits}f}" if math.isfinite(sd) else "") + f" ({len(xs)})"
+    spread = f" ± {sd:.{digits}f}" if math.isfinite(sd) else ""
+    return f"{m:{'+' if signed else ''}.{digits}f}{spread} ({len(xs)})"
 
 
 def regime_table(rows, value: str = "gain") -> tuple[list[str], list[list[str]]]:
@@ -52,9 +58,8 @@ def regime_table(rows, value: str = "gain") -> tuple[list[str], list[list[str]]]
     cells = defaultdict(list)
     for r in ok:
         cells[(r.get("reward_regime") or "outcome", _column(r))].append(float(r[value]))
-    regimes = sorted({k[0] for k in cells}, key=lambda g: ("outcome", "process", "distillation").index(g)
-                     if g in ("outcome", "process", "distillation") else 9)
-    body = [[g] + [_cell(cells[(g, c)]) for c in cols] for g in regimes]
+    body = [[g] + [_cell(cells[(g, c)], signed=value == "gain") for c in cols]
+            for g in sorted({k[0] for k in cells}, key=_order)]
     return ["regime"] + [f"rank {c}" if c != "full" else "full FT" for c in cols], body
 
 
@@ -76,7 +81,7 @@ def load_curves(run_dir, rows) -> dict[str, dict[str, dict[int, float]]]:
     out: dict = defaultdict(lambda: defaultdict(dict))
     for (g, key, step), vs in acc.items():
         out[g][key][step] = sum(vs) / len(vs)
-    return {g: {k: dict(sorted(v.items())) for k, v in d.items()} for g, d in out.items()}
+    return {g: {k: dict(sorted(v.items())) for k, v in out[g].items()} for g in sorted(out, key=_order)}
 
 
 def _draw(curves, path: Path) -> bool:
