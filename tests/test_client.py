@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from helpers import assert_close
+from helpers import assert_as_close_as_torch, assert_close
 from lora_engine import ops as le_ops
 from lora_engine.interop.client import Batch, Client
 from models import tiny_model
@@ -435,3 +435,73 @@ def test_load_state_into_a_handle(tmp_path):
     client.engine.save_adapter(a.id, peft_only)
     with pytest.raises(ValueError, match="no optimizer state"):
         a.load_state(peft_only)
+
+
+# TRL 1.16's loss types through the client's "grpo" (loss_type=): options per type, TRL's names.
+TRL_TYPES = [pytest.param(lt, opts, id=lt) for lt, opts in (
+    ("grpo", {}), ("bnpo", {}), ("dr_grpo", {"max_completion_length": 11}), ("dapo", {}), ("cispo", {}),
+    ("sapo", {"sapo_temperature_neg": 1.25}), ("luspo", {}),
+    ("vespo", {"vespo_k_pos": 1.5, "vespo_lambda_pos": 2.5, "vespo_k_neg": 4.0, "vespo_lambda_neg": 0.5}))]
+
+
+@pytest.mark.parametrize("loss_type,options", TRL_TYPES)
+def test_trl_loss_types_through_the_client(loss_type, options):
+    """TRL's definitions (tests/policy_loss_cases.formula, fp64 from the model's full logits) on
+    group-normalised rewards, normalised over the batch as TRL does: loss, gradients, clipping."""
+    from policy_loss_cases import formula
+
+    batch = _batch(6, 4, 6, seed=31)
+    # Groups pair long rows with short ones: group-normalised advantages sum to 0 per group, and
+    # rows of similar length would cancel the loss down to fp32 summation noise.
+    batch.group_ids = torch.tensor([0, 1, 2, 0, 1, 2])
+    client, a, _ = _client()
+    with torch.no_grad():  # sampler log-probs near the learner's: ratios ~ exp(N(0, 0.3^2)), as in RL
+        noise = 0.3 * torch.randn(batch.weights.shape, generator=torch.Generator().manual_seed(32))
+        batch.sampling_logprobs = ((_reference_logp(client, a, batch) + noise) * (batch.weights != 0)).float()
+    eps_high = 1.2 if loss_type == "cispo" else 0.28  # cispo: the cap on the ratio
+    out = a.forward_backward(batch, "grpo", loss_type=loss_type, eps_low=0.2, eps_high=eps_high,
+                             loss_config=options).result()
+    ours = _grads(a)
+    for p in a.parameters():
+        p.grad = None
+    lp = _reference_logp(client, a, batch)
+    adv = torch.zeros(6, dtype=torch.float64)
+    for gid in batch.group_ids.unique():
+        sel = batch.group_ids == gid
+        rew = batch.rewards[sel].double()
+        adv[sel] = (rew - rew.mean()) / (rew.std() + 1e-4)
+    opts = dict(options)
+    mcl = opts.pop("max_completion_length", None)
+    losses, metrics = formula(lp, batch.sampling_logprobs.double(), adv, batch.weights.double(),
+                              torch.zeros(6, dtype=torch.long), None, 1, loss_type=loss_type, eps_low=0.2,
+                              eps_high=eps_high, mcl=mcl, **opts)
+    losses[0].backward()
+    # The loss is a whole pipeline ending in a sum over zero-mean advantages: measured against
+    # PyTorch's own fp32 run of the same formula (fp32 logits and log_softmax) as the yardstick.
+    with torch.no_grad():
+        pos = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+        logits = client.engine(batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
+                               adapter_ids=torch.full((6,), a.id)).logits
+        lp32 = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+        lp32 = torch.cat([lp32.new_zeros(6, 1), lp32], 1)
+        own = formula(lp32, batch.sampling_logprobs, adv.float(), batch.weights, torch.zeros(6, dtype=torch.long),
+                      None, 1, loss_type=loss_type, eps_low=0.2, eps_high=eps_high, mcl=mcl, **opts)[0]
+    assert_as_close_as_torch(torch.tensor([out.loss], dtype=torch.float64), own[:1], losses[:1].detach(),
+                             torch.float32, "loss")
+    assert_close(ours, _grads(a), torch.float32, "grads")
+    assert out.metrics["clip_frac"] == pytest.approx(float(metrics["clip_frac"][0]), abs=1e-6)
+    if loss_type not in ("sapo", "vespo"):  # the soft surrogates have no hard clip
+        assert 0 < out.metrics["clip_frac"] < 1, "the test must hit the clip region"
+
+
+def test_trl_loss_type_errors():
+    client, a, _ = _client()
+    batch = _batch(2, 4, 3, seed=10)
+    with pytest.raises(ValueError, match="loss='grpo'"):
+        a.forward_backward(batch, "ppo", loss_type="sapo")
+    with pytest.raises(ValueError, match="unknown loss_type"):
+        a.forward_backward(batch, "grpo", loss_type="ppo")
+    with pytest.raises(ValueError, match="not settings of TRL's 'sapo'"):
+        a.forward_backward(batch, "grpo", loss_type="sapo", loss_config={"beta": 0.1})
+    with pytest.raises(ValueError, match="sapo_temperature_pos must be > 0"):
+        a.forward_backward(batch, "grpo", loss_type="sapo", loss_config={"sapo_temperature_pos": 0.0})

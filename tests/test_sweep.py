@@ -30,6 +30,18 @@ def test_memory_budget_limits_group():
     assert [len(g) for g in groups] == [1, 1, 1]
 
 
+def test_memory_budget_counts_each_ppo_runs_critic():
+    dims = [(1024, 1024)] * 4  # rank 8: 1 MiB per adapter
+    grpo = spec_from_dict({"fixed": FIXED, "grid": {"rank": [8, 8, 8, 8]}, "packing": {"memory_budget_mb": 2.0}})
+    ppo = spec_from_dict({"fixed": {**FIXED, "algorithm": "ppo"}, "grid": {"rank": [8, 8, 8, 8]},
+                          "packing": {"memory_budget_mb": 2.0}})
+    small = spec_from_dict({"fixed": {**FIXED, "algorithm": "ppo", "critic_rank": 4}, "grid": {"rank": [8, 8, 8, 8]},
+                            "packing": {"memory_budget_mb": 3.0}})
+    assert [len(g) for g in pack(grpo, module_dims=dims)] == [2, 2]
+    assert [len(g) for g in pack(ppo, module_dims=dims)] == [1, 1, 1, 1]  # 1 MiB + a 1 MiB critic each
+    assert [len(g) for g in pack(small, module_dims=dims)] == [2, 2]  # 1 MiB + a 0.5 MiB critic each
+
+
 @pytest.mark.parametrize("data,match", [
     pytest.param({"grid": {}}, "needs a rank", id="no-rank"),
     pytest.param({"grid": {"rank": 4}}, "non-empty list", id="scalar"),
@@ -125,11 +137,22 @@ def test_full_scale_study_spec_groups_under_memory_budget():
     assert adapter_state_bytes(1, QWEN3_8B_MODULES) == 16 * 2_727_936
     groups = spec.groups  # load_spec itself must apply the memory budget (reference_model = qwen3-8b)
     assert sorted(r.run_id for g in groups for r in g) == sorted(r.run_id for r in spec.runs)
+    assert spec.fixed["algorithm"] == "ppo" and spec.fixed["critic_rank"] == 0  # study A trained with PPO
     for g in groups:
-        mem = sum(adapter_state_bytes(r.rank, QWEN3_8B_MODULES) for r in g) / 2**20
+        # each run: its policy and its critic (a LoRA of the same rank)
+        mem = sum(2 * adapter_state_bytes(r.rank, QWEN3_8B_MODULES) for r in g) / 2**20
         assert mem <= spec.memory_budget_mb or len(g) == 1
         assert sum(r.prompts_per_step * 8 for r in g) <= spec.max_rows_per_step
     assert len(groups) < 216 / 4, "concurrency must cut the number of base-model passes by > 4x"
+
+
+def test_tiny_study_a_spec_is_ppo_and_packs_into_two_groups():
+    from pathlib import Path
+
+    spec = load_spec(Path(__file__).parents[1] / "examples/studies/rank_batch_seed_tiny_ppo.toml")
+    assert spec.fixed["algorithm"] == "ppo" and len(spec.runs) == 24
+    assert [len(g) for g in spec.groups] == [12, 12]
+    assert sweep.group_config(spec, 0, Path("/tmp/x")).algorithm == "ppo"
 
 
 def test_memory_budget_needs_model_shapes():

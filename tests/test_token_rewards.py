@@ -157,3 +157,26 @@ def test_regime_config_errors():
         config_from_dict({"adapters": [{"rank": 1}], "prm_kind": "orm"})
     with pytest.raises(ValueError, match="TrainConfig.prm_model must be a string"):
         config_from_dict({"adapters": [{"rank": 1}], "prm_model": 3})
+
+
+def test_ppo_takes_the_regimes_token_rewards(tmp_path, judges, monkeypatch):
+    from lora_engine.rl import ppo_step
+    from test_ppo_trainer import _ppo
+    prm, teacher = judges
+    tr = _ppo(tmp_path, reward_regime=["outcome", "process", "distillation"], prm_model=prm, teacher_model=teacher,
+              beta=0.0)
+    seen, real = {}, ppo_step.ppo.gae
+
+    def gae(rewards, values, mask, *args):  # record the per-token rewards PPO's GAE receives
+        seen.update(r=rewards.clone(), m=mask.clone())
+        return real(rewards, values, mask, *args)
+    monkeypatch.setattr(ppo_step.ppo, "gae", gae)
+    rows = tr.step(0)
+    assert all(math.isfinite(row["adv_std"]) for row in rows.values())
+    ids = tr.rollout(0)[2].adapter_ids  # the same draw as the step's (seeded per adapter and step)
+    r, m = seen["r"], seen["m"].bool()
+    placed = (r != 0) & m
+    per_row = placed.sum(1)
+    assert (per_row[ids == 0] <= 1).all()                                   # outcome: the last token only
+    assert (placed[ids == 2] == m[ids == 2]).float().mean() > 0.9            # distillation: (almost) every token
+    assert ((r[ids == 1] >= 0) & (r[ids == 1] <= 1)).all()                   # process: PRM scores in [0, 1]

@@ -121,10 +121,13 @@ class BankAdamW:
         return out
 
     @torch.no_grad()
-    def step(self, adapters=None, max_grad_norm: float | None = None, skip=None) -> torch.Tensor:
+    def step(self, adapters=None, max_grad_norm: float | None = None, skip=None, extra_sumsq=None) -> torch.Tensor:
         """One AdamW step of ``adapters`` (None: every adapter), each clipped to ``max_grad_norm``
         (None: no clipping) over its own gradients. ``skip``: bool [num_slots] (or ids) of
-        adapters not to step, e.g. those whose loss was not finite.
+        adapters not to step, e.g. those whose loss was not finite. ``extra_sumsq``: [num_slots]
+        squared gradient norms of an adapter's tensors outside the bank (a critic's value head):
+        they join its clipping norm, as one ``clip_grad_norm_`` over both would; the caller scales
+        those tensors by the same factor (``clip_factors``).
 
         Returns fp32 [num_slots] on the host: each stepped or skipped adapter's gradient norm
         before clipping (inf/nan: skipped for that), nan for adapters not asked for.
@@ -138,7 +141,10 @@ class BankAdamW:
             raise ValueError(f"adapters {unknown} are not in the bank (present: {present}): step existing ids")
         picked = self._selection(None if ids == present else ids)
         params, grads, ms, vs, segs, groups, back = (list(col) for col in zip(*picked)) if picked else ([],) * 7
-        norms = ops.segment_sumsq(grads, segs, A).sqrt().cpu().numpy() if picked else np.zeros(A, np.float32)
+        sumsq = ops.segment_sumsq(grads, segs, A) if picked else torch.zeros(A)
+        if extra_sumsq is not None:
+            sumsq = sumsq + torch.as_tensor(extra_sumsq, dtype=sumsq.dtype).to(sumsq.device)
+        norms = sumsq.sqrt().cpu().numpy()
         asked = np.zeros(A, dtype=bool)
         asked[ids] = True
         ok = asked & np.isfinite(norms)
@@ -163,6 +169,15 @@ class BankAdamW:
         out[~asked] = np.nan
         return torch.from_numpy(out)
 
+    @staticmethod
+    def clip_factors(norms, max_grad_norm: float | None) -> np.ndarray:
+        """fp32 [n] clip multipliers of ``step``'s norms, torch's ``clip_grad_norm_`` rounding:
+        ``min(reciprocal(norm + 1e-6) * max_norm, 1)`` (1 without clipping)."""
+        max_norm = np.float32(math.inf if max_grad_norm is None else max_grad_norm)
+        recip = np.float32(1.0) / (np.asarray(norms, dtype=np.float32) + np.float32(1e-6))
+        with np.errstate(over="ignore", invalid="ignore"):
+            return np.minimum(recip * max_norm, np.float32(1.0))
+
     def _coefficients(self, ok, norms, max_grad_norm) -> np.ndarray:
         """``kernels.optim.COEFS`` [9, 2, A] fp32 for this step, as torch computes each scalar:
         the bias corrections in float64 (Python floats), the clip factor in fp32 tensor math
@@ -171,10 +186,7 @@ class BankAdamW:
         step = np.where(ok, self.steps, 1).astype(np.float64)[None, :]
         bc1 = 1.0 - h["beta1"] ** step
         bc2 = 1.0 - h["beta2"] ** step
-        max_norm = np.float32(math.inf if max_grad_norm is None else max_grad_norm)
-        recip = np.float32(1.0) / (norms.astype(np.float32) + np.float32(1e-6))
-        with np.errstate(over="ignore", invalid="ignore"):
-            clip = np.minimum(recip * max_norm, np.float32(1.0))
+        clip = self.clip_factors(norms, max_grad_norm)
         table = {"active": np.broadcast_to(ok, h["lr"].shape).astype(np.float64),
                  "clip": np.broadcast_to(clip, h["lr"].shape), "decay": 1.0 - h["lr"] * h["weight_decay"],
                  "w1": 1.0 - h["beta1"], "beta2": h["beta2"], "w2": 1.0 - h["beta2"], "neg_step": -(h["lr"] / bc1),

@@ -16,6 +16,10 @@ mask unless you scale it; Tinker's RL losses have no weights: pass 1 on every to
     "cispo":                -sum w * stopgrad(clip(r, lo, hi)) * lp * A     lo, hi = 0.0, 4.0
     "dro":                  -sum w * (lp * A - beta / 2 * (lp - q)^2)       beta: no default
     "grpo" (the client's):  "ppo" with A_b = (R_b - mean_g R) / (std_g R + 1e-4) over b's group g
+    "grpo", loss_type=T:    TRL 1.16's loss of type T (grpo bnpo dr_grpo dapo cispo sapo luspo vespo)
+                            on the same A_b, normalised as TRL over the batch's rows (a mean, not
+                            a sum: ``kernels.policy_loss.naive`` has every formula); eps_low/eps_high
+                            as TRL's epsilon_low/epsilon_high (cispo: eps_high is its cap)
 
 ``lo``/``hi`` are ``loss_config``'s ``clip_low_threshold``/``clip_high_threshold`` (for "ppo"
 defaulting to ``1 - eps_low``/``1 + eps_high``), ``beta`` its ``beta``. On tokens with w = 0 the
@@ -27,12 +31,34 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lora_engine.kernels.policy_loss import LOSS_OPTION_DEFAULTS, LOSS_TYPES, check_loss_options
+
 LOSSES = ("importance_sampling", "ppo", "grpo", "cross_entropy", "cispo", "dro")
 # loss_config keys each loss reads, with their defaults (None: the caller must give it).
 LOSS_CONFIG = {"cross_entropy": {}, "importance_sampling": {}, "grpo": {},
                "ppo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
                "cispo": {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0},
                "dro": {"beta": None}}
+
+
+def trl_loss_config(loss, loss_type: str, loss_config: dict | None) -> dict:
+    """The settings of TRL's ``loss_type`` through the client's "grpo": TRL's GRPOConfig names
+    and defaults (``sapo_temperature_pos/neg``, ``vespo_k/lambda_pos/neg``) and
+    ``max_completion_length`` (dr_grpo's length; None: the batch's width); unknown keys refused."""
+    if loss != "grpo":
+        raise ValueError(f"loss_type={loss_type!r} picks TRL's loss type of loss='grpo' (group-normalised "
+                         f"rewards), got loss={loss!r}: pass loss='grpo' or drop loss_type")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}: use one of {list(LOSS_TYPES)} (TRL 1.16's)")
+    config = {k: v for k, v in LOSS_OPTION_DEFAULTS.items() if k != "kl_correction"}
+    config["max_completion_length"] = None
+    unknown = sorted(set(loss_config or {}) - set(config))
+    if unknown:
+        raise ValueError(f"loss_config keys {unknown} are not settings of TRL's {loss_type!r}; it takes {sorted(config)}")
+    config.update(loss_config or {})
+    mcl = config.pop("max_completion_length")
+    return {**{k: v for k, v in check_loss_options(**config).items() if k != "kl_correction"},
+            "max_completion_length": mcl}
 
 
 @dataclass

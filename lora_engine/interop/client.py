@@ -20,7 +20,8 @@ gradient is the one it would get alone, because its loss reads only its own sequ
 Losses are sums over tokens (Tinker's convention; scale ``weights`` for a mean): Tinker's
 "cross_entropy", "importance_sampling", "ppo", "cispo" and "dro" with per-token or per-sequence
 advantages and their ``loss_config`` (formulas: ``lora_engine.interop.batches``), the client's
-"grpo" ("ppo" with group-normalised rewards as advantages, on the fused policy-loss kernel), or a
+"grpo" ("ppo" with group-normalised rewards as advantages, on the fused policy-loss kernel; with
+``loss_type=`` any of TRL 1.16's eight loss types, TRL's normaliser instead of a sum), or a
 callable ``loss_fn(logprobs [B, L] fp32 with grad, batch) -> scalar tensor``. ``forward`` computes
 the same outputs without a gradient, in the same base forward as the queued backward work.
 """
@@ -38,7 +39,7 @@ from lora_engine import ops
 from lora_engine.engine import peft_format
 from lora_engine.engine.optimizer import AdapterOptimizer, BankAdamW
 from lora_engine.interop.batches import (  # noqa: F401  (LOSSES, Samples: part of this module's API)
-    LOSS_CONFIG, LOSSES, Batch, ForwardBackwardOutput, Samples, token_loss)
+    LOSS_CONFIG, LOSSES, Batch, ForwardBackwardOutput, Samples, token_loss, trl_loss_config)
 from lora_engine.engine.spec import AdapterSpec
 from lora_engine.rl.advantages import group_advantages
 from lora_engine.engine.model import MultiLoRAModel
@@ -99,23 +100,27 @@ class Adapter:
 
     def forward_backward(self, batch: Batch, loss="importance_sampling", *, temperature: float = 1.0,
                          eps_low: float = 0.2, eps_high: float = 0.2, loss_config: dict | None = None,
-                         forward_only: bool = False) -> ForwardBackwardFuture:
+                         loss_type: str | None = None, forward_only: bool = False) -> ForwardBackwardFuture:
         """Queue loss + gradient for this adapter on ``batch``; see the module docstring.
 
         ``temperature`` divides the logits when recomputing log-probs (use the sampling
         temperature); ``eps_low``/``eps_high`` are the clip range of "ppo" and "grpo";
         ``loss_config``: Tinker's settings (``clip_low_threshold``/``clip_high_threshold`` for
-        "ppo"/"cispo", ``beta`` for "dro"), overriding the eps. ``forward_only``: see ``forward``.
+        "ppo"/"cispo", ``beta`` for "dro"), overriding the eps. ``loss_type`` (with loss "grpo"):
+        TRL 1.16's ``GRPOConfig.loss_type`` (``batches.trl_loss_config``). ``forward_only``: see ``forward``.
         """
         batch.check(loss, loss_config)
         fut = ForwardBackwardFuture(self.client)
-        config = dict(LOSS_CONFIG.get(loss, {}) if isinstance(loss, str) else {})
-        if loss == "ppo":
-            config.update(clip_low_threshold=1.0 - eps_low, clip_high_threshold=1.0 + eps_high)
-        config.update({k: v for k, v in (loss_config or {}).items() if k in config})
+        if loss_type is not None:
+            config = trl_loss_config(loss, loss_type, loss_config)
+        else:
+            config = dict(LOSS_CONFIG.get(loss, {}) if isinstance(loss, str) else {})
+            if loss == "ppo":
+                config.update(clip_low_threshold=1.0 - eps_low, clip_high_threshold=1.0 + eps_high)
+            config.update({k: v for k, v in (loss_config or {}).items() if k in config})
         self.client._queue.append(_Work(self, batch, loss, dict(temperature=temperature, eps_low=eps_low,
-                                                                eps_high=eps_high, config=config), fut,
-                                        forward_only))
+                                                                eps_high=eps_high, config=config,
+                                                                loss_type=loss_type), fut, forward_only))
         return fut
 
     def forward(self, batch: Batch, loss="cross_entropy", **kwargs) -> ForwardBackwardFuture:
@@ -361,6 +366,15 @@ class Client:
         b = w.batch
         adv = group_advantages(b.rewards, b.group_ids, scale="std")[0]
         B, L = logp.shape
+        if w.loss_kwargs["loss_type"] is not None:  # TRL's loss of that type over this batch, normalised as TRL
+            options = dict(w.loss_kwargs["config"])
+            mcl = options.pop("max_completion_length")
+            losses, m = ops.policy_loss(logp, b.sampling_logprobs.to(logp.device), adv.to(logp.device, torch.float32),
+                                        weights, torch.zeros(B, dtype=torch.long, device=logp.device),
+                                        loss_type=w.loss_kwargs["loss_type"], eps_low=w.loss_kwargs["eps_low"],
+                                        eps_high=w.loss_kwargs["eps_high"], num_adapters=1,
+                                        max_completion_length=mcl, **options)
+            return losses[0], {"ratio_mean": float(m["ratio_mean"][0]), "clip_frac": float(m["clip_frac"][0])}
         # dr_grpo divides by B * L exactly (no clamp on the token count), so times B * L is the sum
         # over tokens for any weights, fractional ones included.
         losses, m = ops.policy_loss(logp, b.sampling_logprobs.to(logp.device), adv.to(logp.device, torch.float32),

@@ -23,6 +23,7 @@ from lora_engine.checks import check_types
 from lora_engine.engine.spec import AdapterSpec
 from lora_engine.kernels.policy_loss import LOSS_OPTION_DEFAULTS, LOSS_TYPES, check_loss_options
 from lora_engine.rl.models import DTYPES
+from lora_engine.rl.ppo import KL_KINDS
 from lora_engine.rl.prm import PRM_KINDS
 from lora_engine.rl.token_rewards import REGIMES
 
@@ -35,7 +36,7 @@ else:  # pragma: no cover
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a GRPO run over several concurrent adapters needs. See examples/tiny.toml.
+    """Everything a GRPO or PPO run over several concurrent adapters needs. See examples/tiny.toml.
 
     Every field's type is checked when the config is built; a bad value is a one-line
     ``ValueError`` naming the fix.
@@ -56,6 +57,7 @@ class TrainConfig:
     temperature: float = 1.0                   # sampling temperature (the log-probs use it too)
     top_p: float = 1.0                         # nucleus sampling
     # --- objective ----------------------------------------------------------------------------
+    algorithm: str = "grpo"                    # "grpo" (group-normalised advantages) or "ppo" (a critic per adapter)
     loss_type: str = "dapo"                    # TRL 1.16's, per adapter: grpo bnpo dr_grpo dapo cispo sapo luspo vespo
     eps_low: float = 0.2                       # clip range [1 - eps_low, 1 + eps_high] of the ratio
     eps_high: float = 0.2                      # (cispo: the ratio's cap itself; TRL suggests 5.0)
@@ -73,6 +75,19 @@ class TrainConfig:
     drop_zero_variance: bool = False           # drop groups whose rewards are all equal
     format_weight: float = 0.0                 # x boxed_format_reward (+bonus for one box, -penalty for none)
     length_weight: float = 0.0                 # coef of rewards.length_penalty (DAPO's soft overlong penalty)
+    # --- PPO (algorithm = "ppo"; rl/ppo_step.py, verl's definitions) ----------------------------
+    critic_rank: int = 0                       # rank of each policy's critic LoRA (0: the policy's rank)
+    critic_lr: float = 0.0                     # the critic's and its value head's lr (0: the policy's lr)
+    critic_warmup_steps: int = 0               # the first N steps update the critics only
+    vf_coef: float = 1.0                       # x the value loss (before the critic's gradient clipping)
+    value_clip: float = 0.5                    # clipped value loss range around the old values (verl's
+                                               # cliprange_value); 0 = the plain squared error
+    gamma: float = 1.0                         # GAE discount (verl's default)
+    lam: float = 1.0                           # GAE lambda (verl's default)
+    kl_penalty: str = "reward"                 # where beta's KL goes: "reward" (per token, verl / OpenRLHF)
+                                               # or "loss" (the policy loss's k3, as GRPO)
+    kl_estimator: str = "kl"                   # the in-reward estimator: kl (k1), abs, mse, low_var_kl (k3)
+    whiten_advantages: bool = True             # whiten GAE advantages over each adapter's tokens (verl)
     # --- token-level rewards (rl.token_rewards; study C) --------------------------------------
     reward_regime: str | tuple[str, ...] = "outcome"  # outcome | process | distillation; one for all or one per adapter
     dense_threshold: float = 0.5               # deposits per valid token above which a group is dense
@@ -137,7 +152,11 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)}"
                                  + (" (0 = the whole batch at once)" if name == "micro_batch_size" else ""))
-        if self.samples_per_prompt < 2:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.algorithm == "ppo":
+            _check_ppo(self)
+        elif self.samples_per_prompt < 2:
             raise ValueError("samples_per_prompt must be >= 2: group-normalised advantages need a group")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -174,6 +193,36 @@ class TrainConfig:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["adapters"] = [a.to_dict() for a in self.adapters]
         return d
+
+
+ALGORITHMS = ("grpo", "ppo")
+# PPO's advantages are per token: loss types whose surrogate and normaliser are token-local
+# (kernels.policy_loss.loss_types; dapo = verl's token-mean).
+PPO_LOSS_TYPES = ("dapo", "bnpo", "cispo")
+
+
+def _check_ppo(cfg: TrainConfig) -> None:
+    if cfg.loss_type not in PPO_LOSS_TYPES:
+        raise ValueError(f"algorithm = \"ppo\" takes loss_type in {PPO_LOSS_TYPES} (per-token advantages, "
+                         f"token-mean), got {cfg.loss_type!r}: use loss_type = \"dapo\"")
+    if cfg.drop_zero_variance:
+        raise ValueError("drop_zero_variance is for GRPO's groups: set drop_zero_variance = false with algorithm = \"ppo\"")
+    for name in ("critic_rank", "critic_warmup_steps"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {getattr(cfg, name)}")
+    for name in ("critic_lr", "value_clip"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be >= 0 (0: {'the policy lr' if name == 'critic_lr' else 'no clipping'}), "
+                             f"got {getattr(cfg, name)}")
+    if not cfg.vf_coef > 0:
+        raise ValueError(f"vf_coef must be > 0, got {cfg.vf_coef}")
+    for name in ("gamma", "lam"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
+    if cfg.kl_penalty not in ("reward", "loss"):
+        raise ValueError(f"kl_penalty must be \"reward\" (per-token KL in the reward) or \"loss\", got {cfg.kl_penalty!r}")
+    if cfg.kl_estimator not in KL_KINDS:
+        raise ValueError(f"kl_estimator must be one of {KL_KINDS}, got {cfg.kl_estimator!r}")
 
 
 # Keys older configs used, and what they are now.

@@ -1,4 +1,4 @@
-"""Evaluation metrics over sampled completions: unbiased pass@k and avg@k."""
+"""Evaluation metrics over sampled completions: unbiased pass@k and avg@k; the end-of-run table."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -29,3 +29,13 @@ def avg_at_k(scores: Sequence[float], k: int | None = None) -> float:
     if not 1 <= k <= len(scores):
         raise ValueError(f"avg_at_k needs 1 <= k <= len(scores)={len(scores)}, got k={k}")
     return float(sum(float(s) for s in scores[:k]) / k)
+
+
+def print_summary(summary: dict, ranks: Sequence[int]) -> None:
+    """The held-out accuracy table a training run prints at its end (``summary.json``'s numbers)."""
+    print(f"\nheld-out greedy accuracy (base model: {summary['base']:.3f})")
+    print(f"{'adapter':>8} {'rank':>5} {'initial':>8} {'final':>8} {'gain':>8} {'tokens':>10}")
+    for i, rank in enumerate(ranks):
+        ini, fin = summary["initial"][str(i)]["pass@1"], summary["final"][str(i)]["pass@1"]
+        print(f"{i:>8} {rank:>5} {ini:>8.3f} {fin:>8.3f} {fin - ini:>+8.3f} "
+              f"{summary['tokens'].get(str(i), 0):>10}")

@@ -17,6 +17,7 @@ R_i = task correctness (+ format, + length); process / distillation rewards give
 sum_a L_a has a block-diagonal gradient: each adapter gets the update it gets alone, with its own
 AdamW, clipping and NaN skip.
 One step: rollout -> rewards -> advantages -> old/ref log-probs -> fused loss -> per-adapter step.
+``algorithm = "ppo"`` replaces the advantages by a critic per adapter (``rl.ppo_step``).
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ from lora_engine.rl.config import TrainConfig, save_config, upgrade_saved_config
 from lora_engine.rl.models import load_base
 from lora_engine.engine.model import MultiLoRAModel
 from lora_engine.engine.peft_format import load_adapter_weights, save_adapter
+from lora_engine.rl.metrics import print_summary
+from lora_engine.rl.ppo_step import PPOStep
 from lora_engine.rl.rollout import Rollouts, generate
 from lora_engine.rl.runinfo import run_info
 from lora_engine.rl.tasks import load_task
@@ -53,6 +56,8 @@ class GRPOTrainer:
         self.task = task if task is not None else load_task(cfg.task, seed=cfg.data_seed)
         self.token_rewards = TokenRewards(cfg, tokenizer, next(model.parameters()).device)
         self.optimizers = {a: self._make_optimizer(a) for a in self.ids}
+        # algorithm = "ppo": a critic per policy joins the bank after the policies (ids stay 0..n-1)
+        self.ppo = PPOStep(self) if cfg.algorithm == "ppo" else None
         self.step_idx = 0
         self.tokens = {a: 0 for a in self.ids}
         self.out = Path(cfg.output_dir)
@@ -124,6 +129,8 @@ class GRPOTrainer:
 
     # -- 5. one training step -----------------------------------------------------------
     def step(self, step: int) -> dict[int, dict]:
+        if self.ppo is not None:
+            return self.ppo.step(step)
         cfg = self.cfg
         t0 = time.perf_counter()
         problems, prompt_of, ro = self.rollout(step)
@@ -292,6 +299,8 @@ class GRPOTrainer:
             for a in self.ids:
                 save_adapter(self.engine, a, checkpoints.adapter_dir(d, a), base_model_name=self.cfg.model)
             torch.save({str(a): opt.state_dict() for a, opt in self.optimizers.items()}, d / checkpoints.OPTIMIZERS_FILE)
+            if self.ppo is not None:
+                self.ppo.save(d)
             (d / checkpoints.STATE_FILE).write_text(json.dumps({"step": self.step_idx, "tokens": self.tokens,
                                                                 "config": self._resume_key()}, default=str))
         return checkpoints.write_checkpoint(self.out, self.step_idx, fill)
@@ -323,6 +332,8 @@ class GRPOTrainer:
         opt_states = torch.load(ckpt / checkpoints.OPTIMIZERS_FILE, weights_only=True)
         for a in self.ids:
             self.optimizers[a].load_state_dict(opt_states[str(a)])
+        if self.ppo is not None:
+            self.ppo.load(ckpt)
         self.tokens = {int(k): v for k, v in state["tokens"].items()}
         self.step_idx = state["step"]
         return True
@@ -353,7 +364,7 @@ class GRPOTrainer:
             summary = {"base": ev[-1]["pass@1"], "base_eval": ev[-1],
                        "initial": {str(a): ev[a] for a in self.ids}, "eval": []}
             summary_path.write_text(json.dumps(summary, indent=2))
-        bar = tqdm(range(self.step_idx, cfg.steps), desc="GRPO", disable=not cfg.progress,
+        bar = tqdm(range(self.step_idx, cfg.steps), desc=cfg.algorithm.upper(), disable=not cfg.progress,
                    initial=self.step_idx, total=cfg.steps)
         with open(log_path, "a") as log:
             for step in bar:
@@ -376,18 +387,10 @@ class GRPOTrainer:
         summary_path.write_text(json.dumps(summary, indent=2))
         if self.step_idx % max(cfg.checkpoint_every, 1) != 0 or not cfg.checkpoint_every:
             self.save_checkpoint()
-        self._print_summary(summary)
+        print_summary(summary, [spec.rank for spec in cfg.adapters])
         return summary
-
-    def _print_summary(self, summary: dict) -> None:
-        print(f"\nheld-out greedy accuracy (base model: {summary['base']:.3f})")
-        print(f"{'adapter':>8} {'rank':>5} {'initial':>8} {'final':>8} {'gain':>8} {'tokens':>10}")
-        for i, spec in enumerate(self.cfg.adapters):
-            ini, fin = summary["initial"][str(i)]["pass@1"], summary["final"][str(i)]["pass@1"]
-            print(f"{i:>8} {spec.rank:>5} {ini:>8.3f} {fin:>8.3f} {fin - ini:>+8.3f} "
-                  f"{summary['tokens'].get(str(i), 0):>10}")
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run a whole GRPO training from a config (the ``lora-engine train`` command)."""
+    """Run a whole GRPO or PPO training from a config (the ``lora-engine train`` command)."""
     return GRPOTrainer(cfg).fit()

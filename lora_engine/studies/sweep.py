@@ -195,11 +195,14 @@ def pack(spec: SweepSpec, module_dims: list[tuple[int, int]] | None = None) -> l
     memory budget is not applied (the tiny default is far below any budget).
     """
     samples = int(spec.fixed.get("samples_per_prompt", 8))
+    ppo = spec.fixed.get("algorithm") == "ppo"  # every run brings its critic (a LoRA of critic_rank)
     groups: list[list[Run]] = []
     loads: list[tuple[int, float]] = []
     for run in sorted(spec.runs, key=lambda r: (-r.rank, -r.prompts_per_step, r.run_id)):
         rows = run.prompts_per_step * samples
         mem = adapter_state_bytes(run.rank, module_dims) / 2**20 if module_dims else 0.0
+        if ppo and module_dims:
+            mem += adapter_state_bytes(int(spec.fixed.get("critic_rank", 0)) or run.rank, module_dims) / 2**20
         if rows > spec.max_rows_per_step:
             raise ValueError(f"run {run.run_id} alone generates {rows} sequences per step > max_rows_per_step="
                              f"{spec.max_rows_per_step}: raise the limit or lower prompts_per_step")
