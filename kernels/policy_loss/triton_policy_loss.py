@@ -62,7 +62,7 @@ def _policy_fwd(logp, old, ref, mask, adv, ids, A, cfg):
         cfg["k_pos"], cfg["lam_pos"], cfg["k_neg"], cfg["lam_neg"],
         SURROGATE=cfg["surrogate"], SEQ_LEVEL=cfg["seq"], HAS_DELTA=cfg["has_delta"],
         HAS_REF=ref is not None, HAS_KL=cfg["has_kl"], KL_CORR=cfg["kl_corr"] and ref is not None,
-        BLOCK_L=BLOCK_L, num_warps=4,
+        TOKEN_ADV=adv.dim() == 2, BLOCK_L=BLOCK_L, num_warps=4,
     )
     losses = torch.empty((A,), device=logp.device, dtype=torch.float32)
     metrics = torch.empty((len(METRIC_NAMES), A), device=logp.device, dtype=torch.float32)
@@ -82,7 +82,8 @@ def _policy_bwd(logp, old, ref, mask, adv, ids, rows, counts, g_losses, cfg):
         L, A, cfg["Lc"], cfg["lo"], cfg["hi"], cfg["cap"], cfg["delta"], cfg["beta"], cfg["t_pos"], cfg["t_neg"],
         NORM=cfg["norm"], SURROGATE=cfg["surrogate"], SEQ_LEVEL=cfg["seq"], HAS_DELTA=cfg["has_delta"],
         # the correction only changes the gradient through beta * kl: no extra variant at beta = 0
-        HAS_KL=cfg["has_kl"], KL_CORR=cfg["kl_corr"] and cfg["has_kl"], BLOCK_L=BLOCK_L, num_warps=4,
+        HAS_KL=cfg["has_kl"], KL_CORR=cfg["kl_corr"] and cfg["has_kl"], TOKEN_ADV=adv.dim() == 2,
+        BLOCK_L=BLOCK_L, num_warps=4,
     )
     return dlogp
 
@@ -147,8 +148,8 @@ _policy_loss_op.register_autograd(_backward, setup_context=_setup)
 
 
 def policy_loss_apply(logp, old, ref, mask, adv, ids, A, cfg):
-    """The policy loss's autograd entry: contiguous [B, L] inputs (``mask`` fp32), [B] ``adv`` and
-    ``ids``, ``A`` adapters, the launch config ``cfg``. Returns (losses [A], metrics [M, A])."""
+    """The policy loss's autograd entry: contiguous [B, L] inputs (``mask`` fp32), [B] or [B, L]
+    ``adv``, [B] ``ids``, ``A`` adapters, the launch config ``cfg``. Returns (losses [A], metrics [M, A])."""
     if set(cfg) != set(CFG_KEYS):
         raise ValueError(f"policy loss cfg keys {sorted(cfg)} != {sorted(CFG_KEYS)}: add the new keys to "
                          "kernels/policy_loss/triton_policy_loss.py (FLOAT_KEYS or INT_KEYS)")
@@ -171,7 +172,8 @@ def policy_loss_triton(logp, old_logp, advantages, mask, adapter_ids, ref_logp=N
     Args:
         logp: [B, L] fp16/bf16/fp32, current-policy per-token log-probs (differentiable).
         old_logp: [B, L] float, behaviour-policy log-probs (constant).
-        advantages: [B] float, one per sequence (constant).
+        advantages: [B] float, one per sequence, or [B, L], one per token (token-level rewards,
+            PPO; token importance only, not vespo), constant.
         mask: [B, L] bool/int/float completion mask (float values act as token weights).
         adapter_ids: [B] int in [0, num_adapters), the adapter of each sequence.
         ref_logp: [B, L] float reference log-probs, or None (then beta must be 0).

@@ -236,6 +236,12 @@ class RankAllocator:
             self._buckets[key] = out
         return self._buckets[key]
 
+    def backward_penalty(self) -> None:
+        """Accumulate ``orth_penalty().sum()``'s gradient (nothing without AdaLoRA adapters)."""
+        penalty = self.orth_penalty()
+        if penalty is not None:
+            penalty.sum().backward()
+
     def orth_penalty(self) -> torch.Tensor | None:
         """[A] fp32: orth_reg_weight_a x the mean of ||P P^T - I||_F, ||Q^T Q - I||_F over adapter a's
         modules (0 for other slots; differentiable), or None without AdaLoRA adapters. Batched per

@@ -24,6 +24,8 @@ from lora_engine.engine.spec import AdapterSpec
 from lora_engine.kernels.policy_loss import LOSS_OPTION_DEFAULTS, LOSS_TYPES, check_loss_options
 from lora_engine.rl.models import DTYPES
 from lora_engine.rl.ppo import KL_KINDS
+from lora_engine.rl.prm import PRM_KINDS
+from lora_engine.rl.token_rewards import REGIMES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -86,6 +88,15 @@ class TrainConfig:
                                                # or "loss" (the policy loss's k3, as GRPO)
     kl_estimator: str = "kl"                   # the in-reward estimator: kl (k1), abs, mse, low_var_kl (k3)
     whiten_advantages: bool = True             # whiten GAE advantages over each adapter's tokens (verl)
+    # --- token-level rewards (rl.token_rewards; study C) --------------------------------------
+    reward_regime: str | tuple[str, ...] = "outcome"  # outcome | process | distillation; one for all or one per adapter
+    dense_threshold: float = 0.5               # deposits per valid token above which a group is dense
+                                               # (per-token normalisation), else sparse (return-to-go)
+    prm_model: str = "tiny"                    # process: "tiny" (rl.tiny_judges) or a local PRM folder
+    prm_kind: str = ""                         # math_shepherd | classifier ("": the PRM's prm.json, else math_shepherd)
+    prm_step_tag: str = ""                     # math_shepherd's tag ("": prm.json's, else Math-Shepherd's " ки")
+    step_separator: str = ""                   # where steps end ("": prm.json's, else "\n")
+    teacher_model: str = "tiny"                # distillation: "tiny" or a local folder with the student's vocabulary
     # --- optimisation -------------------------------------------------------------------------
     steps: int = 40                            # training steps (rollout + update each)
     inner_updates: int = 1                     # optimiser steps per rollout batch (> 1: PPO-style reuse)
@@ -109,7 +120,7 @@ class TrainConfig:
             raise ValueError("adapters must be a list of [[adapters]] tables, each with a rank")
         specs = tuple(a if isinstance(a, AdapterSpec) else _spec(a) for a in self.adapters)
         object.__setattr__(self, "adapters", specs)
-        for name in ("target_modules", "prompts_per_step"):
+        for name in ("target_modules", "prompts_per_step", "reward_regime"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         check_types(self)
@@ -117,6 +128,16 @@ class TrainConfig:
         if isinstance(pps, tuple) and len(pps) != len(specs):
             raise ValueError(f"prompts_per_step has {len(pps)} entries for {len(specs)} adapters: give one "
                              "number for all adapters or one per adapter")
+        regimes = self.reward_regime if isinstance(self.reward_regime, tuple) else (self.reward_regime,)
+        if isinstance(self.reward_regime, tuple) and len(regimes) != len(specs):
+            raise ValueError(f"reward_regime has {len(regimes)} entries for {len(specs)} adapters: give one regime "
+                             "for all adapters or one per adapter")
+        if any(r not in REGIMES for r in regimes):
+            raise ValueError(f"reward_regime must be one of {REGIMES} (or a list of them), got {self.reward_regime!r}")
+        if not 0 <= self.dense_threshold < 1:
+            raise ValueError(f"dense_threshold must be in [0, 1) (deposits per valid token), got {self.dense_threshold}")
+        if self.prm_kind not in ("",) + PRM_KINDS:
+            raise ValueError(f"prm_kind must be one of {PRM_KINDS} (or empty: the PRM's own), got {self.prm_kind!r}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {tuple(LOSS_TYPES)}, got {self.loss_type!r}")
         check_loss_options(**self.loss_options)
@@ -155,6 +176,12 @@ class TrainConfig:
     def loss_options(self) -> dict:
         """The loss-type hyperparameters ``ops.policy_loss`` takes beyond the clip range and beta."""
         return {k: getattr(self, k) for k in LOSS_OPTION_DEFAULTS}
+
+    @property
+    def regime_per_adapter(self) -> tuple[str, ...]:
+        """The reward regime of each adapter, in ``adapters`` order."""
+        r = self.reward_regime
+        return r if isinstance(r, tuple) else (r,) * len(self.adapters)
 
     @property
     def prompts_per_adapter(self) -> tuple[int, ...]:

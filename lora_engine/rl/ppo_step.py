@@ -125,7 +125,8 @@ class PPOStep:
         A = tr.engine.bank.num_slots
         chunks = tr._micro_batches(ids.numel(), self.device)
         old, ref, old_v = self._estimates(ro, chunks)
-        rewards = ppo.outcome_token_rewards(reward.to(self.device), mask)
+        # outcome on the last token, or the regime's per-token deposits (process, distillation)
+        rewards = tr.token_rewards.deposits(problems, ro, reward.to(self.device)).values.to(self.device)
         if ref is not None and cfg.kl_penalty == "reward":
             rewards = ppo.kl_in_reward(rewards, old, ref, mask, cfg.beta, cfg.kl_estimator)
         adv_raw, returns = ppo.gae(rewards, old_v, mask, cfg.gamma, cfg.lam)

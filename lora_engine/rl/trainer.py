@@ -13,8 +13,9 @@ where AGG is TRL's ``loss_type`` (grpo | bnpo | dr_grpo | dapo | luspo; cispo, s
 replace the clipped term by their own surrogates, ``kernels.policy_loss.naive``) taken over
 adapter a's own sequences and tokens only; ``kl_correction`` multiplies k3 by r_it (TRL's
 ``use_bias_correction_kl``). Groups dropped by ``drop_zero_variance`` leave every normaliser.
-R_i = task correctness (+ format bonus, + length penalty). sum_a L_a has a block-diagonal
-gradient: each adapter gets the update it gets alone, with its own AdamW, clipping and NaN skip.
+R_i = task correctness (+ format, + length); process / distillation rewards give A_it (rl.token_rewards).
+sum_a L_a has a block-diagonal gradient: each adapter gets the update it gets alone, with its own
+AdamW, clipping and NaN skip.
 One step: rollout -> rewards -> advantages -> old/ref log-probs -> fused loss -> per-adapter step.
 ``algorithm = "ppo"`` replaces the advantages by a critic per adapter (``rl.ppo_step``).
 """
@@ -30,7 +31,7 @@ import torch
 from lora_engine import ops
 from lora_engine.kernels.policy_loss import METRIC_NAMES, loss_normalisers
 from lora_engine.engine.optimizer import AdapterOptimizer, BankAdamW
-from lora_engine.rl.advantages import group_advantages, make_group_ids
+from lora_engine.rl.advantages import make_group_ids
 from lora_engine.rl import checkpoints
 from lora_engine.rl.config import TrainConfig, save_config, upgrade_saved_config
 from lora_engine.rl.models import load_base
@@ -42,6 +43,7 @@ from lora_engine.rl.ppo_step import PPOStep
 from lora_engine.rl.rollout import Rollouts, generate
 from lora_engine.rl.runinfo import run_info
 from lora_engine.rl.tasks import load_task
+from lora_engine.rl.token_rewards import TokenRewards, advantage_std
 
 
 class GRPOTrainer:
@@ -53,6 +55,7 @@ class GRPOTrainer:
         self.engine = MultiLoRAModel(model, list(cfg.adapters), target_modules=cfg.target_modules)
         self.ids = self.engine.adapter_ids
         self.task = task if task is not None else load_task(cfg.task, seed=cfg.data_seed)
+        self.token_rewards = TokenRewards(cfg, tokenizer, next(model.parameters()).device)
         self.optimizers = {a: self._make_optimizer(a) for a in self.ids}
         self.ranks = RankAllocator(self.engine.bank, cfg.steps)  # AdaLoRA's budget (a no-op without)
         # algorithm = "ppo": a critic per policy joins the bank after the policies (ids stay 0..n-1)
@@ -136,8 +139,7 @@ class GRPOTrainer:
         reward, correct = self.rewards(problems, ro)
         adapter_ids = ro.adapter_ids
         groups = make_group_ids(adapter_ids, torch.tensor(prompt_of))
-        adv, keep, _ = group_advantages(reward, groups, scale=cfg.scale_rewards,
-                                        drop_zero_variance=cfg.drop_zero_variance)
+        adv, keep = self.token_rewards.advantages(problems, ro, reward, groups)  # [B], or [B, C] (rl.token_rewards)
         mask = ro.completion_mask.float() * keep.float()[:, None].to(ro.completion_mask.device)
         device = ro.input_ids.device
         adv, ids_dev = adv.to(device), adapter_ids.to(device)
@@ -220,9 +222,7 @@ class GRPOTrainer:
         optimiser state untouched. Returns {adapter: gradient norm} (nan where skipped)."""
         opt = BankAdamW.of(self.engine.bank)
         bad = ~torch.isfinite(losses.detach()).cpu()
-        penalty = self.ranks.orth_penalty()  # AdaLoRA's, each adapter's on its own tensors
-        if penalty is not None:
-            penalty.sum().backward()
+        self.ranks.backward_penalty()  # AdaLoRA's orthogonality term, each adapter's on its own tensors
         norms = opt.step(self.ids, self.cfg.max_grad_norm, skip=bad)
         self.ranks.update(self.step_idx)  # the step fit() is running (PEFT's global_step)
         opt.zero_grad()
@@ -248,7 +248,7 @@ class GRPOTrainer:
         ent = total((entropy.detach().cpu().double() * m).sum(-1)) / total(m.sum(-1)).clamp_min(1)
         tok = (total(ro.prompt_tokens) + total(clen)).long().tolist()
         cols = {"reward_mean": total(reward) / n, "reward_std": std(reward), "accuracy": total(correct) / n,
-                "adv_std": std(adv), "kl": metrics["kl_mean"].detach().cpu(),
+                "adv_std": advantage_std(adv, ro.completion_mask, ids, A), "kl": metrics["kl_mean"].detach().cpu(),
                 "clip_frac": metrics["clip_frac"].detach().cpu(), "entropy": ent, "response_len": total(clen) / n,
                 "truncated_frac": total(ro.truncated.float()) / n, "kept_frac": total(keep.float()) / n}
         cols, out = {k: v.tolist() for k, v in cols.items()}, {}

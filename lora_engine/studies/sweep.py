@@ -1,4 +1,4 @@
-"""Sweeps: a grid over rank x batch x seed x lr x method x loss type, packed into concurrent groups.
+"""Sweeps: a grid over rank x batch size x seed x lr x method, packed into concurrent groups.
 
 A spec (TOML) has a ``[fixed]`` table of ``TrainConfig`` fields shared by every run, a ``[grid]``
 table of lists, and optional ``[packing]`` limits:
@@ -12,15 +12,19 @@ table of lists, and optional ``[packing]`` limits:
     prompts_per_step = [4, 8]        # batch size = prompts_per_step x samples_per_prompt
     seed = [0, 1, 2]                 # each run's adapter seed: its init and its sampling
     lr = [2e-3]
-    method = ["lora"]                # also loss_type = ["grpo", "dapo"]: one trainer per loss type
+    method = ["lora"]                # also loss_type = ["grpo", "dapo"]: one trainer (group) per loss type
     [packing]
     max_adapters_per_group = 8
     max_rows_per_step = 512          # sequences generated per step by one group
     memory_budget_mb = 20000         # trainable state (weights, grads, AdamW) per group
+    reward_regime = ["outcome"]      # study C: outcome | process | distillation (adapters of every regime
+                                     # share a group: the advantages branch per group on deposit density)
     [ray]                            # only read by `lora-engine sweep SPEC --ray` (studies.ray_runner)
     num_gpus = 1                     # per group (default: 1 on a cluster with GPUs, else 0); 0.5 shares a GPU
     num_cpus = 1                     # per group; torch's thread count in the task
     max_retries = 2                  # a failed group is retried this often, then recorded as failed
+
+``[[grid]]`` (several grid tables) takes the union of their products (``studies.grid``).
 
 Every grid point is one *run* (one adapter). Runs that share everything but rank, seed, lr,
 method and prompts_per_step can share one base model and one batch: they are packed into
@@ -36,7 +40,6 @@ with ``results.batch_size``).
 """
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 from dataclasses import dataclass, field
@@ -47,25 +50,9 @@ from lora_engine.atomic import write_json_atomic
 from lora_engine.rl import checkpoints
 from lora_engine.rl.config import TrainConfig, config_from_dict, tomllib
 from lora_engine.studies import results
+from lora_engine.studies.grid import GRID_KEYS, Run, expand_grids  # noqa: F401  (Run, GRID_KEYS: this module's API)
 
-GRID_KEYS = ("rank", "prompts_per_step", "seed", "lr", "method", "alpha", "loss_type")
 RESULT_FILE, FAILED_FILE = "result.json", "failed.json"
-
-
-@dataclass(frozen=True)
-class Run:
-    rank: int
-    prompts_per_step: int
-    seed: int
-    lr: float
-    method: str
-    alpha: float
-    loss_type: str = ""  # "": [fixed]'s; a grid of loss types never shares a group (one per trainer)
-
-    @property
-    def run_id(self) -> str:
-        lt = f"_{self.loss_type}" * bool(self.loss_type)
-        return f"r{self.rank}_p{self.prompts_per_step}_lr{self.lr:g}_{self.method}_a{self.alpha:g}{lt}_s{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -133,29 +120,18 @@ def spec_from_dict(data: dict) -> SweepSpec:
     if unknown:
         raise ValueError(f"unknown sweep section(s) {sorted(unknown)}: use [fixed], [grid], [packing], [ray]")
     fixed = dict(data.get("fixed", {}))
-    grid = dict(data.get("grid", {}))
-    bad = set(grid) - set(GRID_KEYS)
-    if bad:
-        raise ValueError(f"unknown grid key(s) {sorted(bad)}; grid keys: {GRID_KEYS}")
-    if "rank" not in grid:
-        raise ValueError("the grid needs a rank list, e.g. rank = [1, 4, 16]")
+    grids = data.get("grid", {})
+    grids = [dict(g) for g in grids] if isinstance(grids, list) else [dict(grids)]
     if "adapters" in fixed:
         raise ValueError("[fixed] must not hold adapters: the grid defines them")
     if "seed" in fixed:
         # One meaning per name: in a sweep, seed is each run's adapter seed (init and sampling).
         raise ValueError("[fixed] seed is ambiguous in a sweep: list adapter seeds in [grid] seed = [0, 1, 2]; "
                          "the task's data seed is [fixed] data_seed")
-    for k, v in grid.items():
-        if not isinstance(v, list) or not v:
-            raise ValueError(f"grid.{k} must be a non-empty list, got {v!r}")
-    defaults = {"prompts_per_step": [fixed.pop("prompts_per_step", 8)], "seed": [0], "lr": [fixed.pop("lr", 1e-5)],
-                "method": ["lora"], "alpha": [fixed.pop("alpha", 32.0)], "loss_type": [""]}
-    axes = {k: grid.get(k, defaults.get(k)) for k in GRID_KEYS}
-    runs = [Run(rank=int(r), prompts_per_step=int(p), seed=int(s), lr=float(lr), method=str(m), alpha=float(a),
-                loss_type=str(lt)) for r, p, s, lr, m, a, lt in itertools.product(*(axes[k] for k in GRID_KEYS))]
+    runs = expand_grids(grids, fixed)
     # Validate every run as a config now, not an hour into the sweep.
     for run in runs:
-        config_from_dict({**fixed, **({"loss_type": run.loss_type} if run.loss_type else {}), "adapters": [_adapter(run)]})
+        config_from_dict({**fixed, "adapters": [_adapter(run)], **_fixed_for([run])})
     packing = dict(data.get("packing", {}))
     bad = set(packing) - {"max_adapters_per_group", "max_rows_per_step", "memory_budget_mb", "reference_model"}
     if bad:
@@ -201,6 +177,14 @@ def _adapter(run: Run) -> dict:
             "name": run.run_id}
 
 
+def _fixed_for(runs: list[Run]) -> dict:
+    """The per-adapter config lists of a group (or one run): batch size and reward regime; and a
+    gridded loss type (one per group, ``pack``), which overrides [fixed]'s."""
+    return {"prompts_per_step": [r.prompts_per_step for r in runs],
+            "reward_regime": [r.reward_regime for r in runs],
+            **({"loss_type": runs[0].loss_type} if runs[0].loss_type else {})}
+
+
 def adapter_state_bytes(rank: int, module_dims: list[tuple[int, int]]) -> int:
     """Trainable state of one LoRA adapter: fp32 weights + grads + 2 AdamW moments = 16 B/param."""
     return 16 * rank * sum(k + n for k, n in module_dims)
@@ -238,9 +222,7 @@ def pack(spec: SweepSpec, module_dims: list[tuple[int, int]] | None = None) -> l
 
 def group_config(spec: SweepSpec, g: int, out_dir: Path) -> TrainConfig:
     runs = spec.groups[g]
-    lt = {"loss_type": runs[0].loss_type} if runs[0].loss_type else {}  # a gridded loss type overrides [fixed]'s
-    return config_from_dict({**spec.fixed, **lt, "adapters": [_adapter(r) for r in runs],
-                             "prompts_per_step": [r.prompts_per_step for r in runs],
+    return config_from_dict({**spec.fixed, "adapters": [_adapter(r) for r in runs], **_fixed_for(runs),
                              "output_dir": str(out_dir / "groups" / f"group_{g:03d}")})
 
 
@@ -325,9 +307,10 @@ def run_group(spec: SweepSpec, g: int, out_dir, base=None, task=None):
 def _run_columns(run: Run, g: int, cfg: TrainConfig) -> dict:
     """The configuration columns of a run's row (results.COLUMNS), finished or failed."""
     return {"run_id": run.run_id, "group": g, "rank": run.rank, "alpha": run.alpha, "method": run.method,
-            "loss_type": cfg.loss_type, "lr": run.lr, "seed": run.seed, "prompts_per_step": run.prompts_per_step,
-            "samples_per_prompt": cfg.samples_per_prompt, "steps": cfg.steps,
-            "batch_size": results.batch_size(run.prompts_per_step, cfg.samples_per_prompt)}
+            "lr": run.lr, "seed": run.seed, "prompts_per_step": run.prompts_per_step, "reward_regime": run.reward_regime,
+            "loss_type": cfg.loss_type,
+            "samples_per_prompt": cfg.samples_per_prompt,
+            "batch_size": results.batch_size(run.prompts_per_step, cfg.samples_per_prompt), "steps": cfg.steps}
 
 
 def _record_group(out_dir: Path, g: int, spec: SweepSpec, cfg: TrainConfig, trainer, summary: dict) -> None:
@@ -339,11 +322,11 @@ def _record_group(out_dir: Path, g: int, spec: SweepSpec, cfg: TrainConfig, trai
         a = trainer.ids[i]
         ini, fin = summary["initial"][str(a)], summary["final"][str(a)]
         n_params = sum(p.numel() for p in trainer.engine.adapter_parameters(a))
-        n_base = sum(p.numel() for p in trainer.engine.model.parameters() if not p.requires_grad)
         row = {
             **_run_columns(run, g, cfg),
             "base_score": summary["base"], "final_score": fin["pass@1"], "gain": fin["pass@1"] - summary["base"],
-            "tokens": summary["tokens"][str(a)], "trainable_params": n_params, "base_params": n_base,
+            "tokens": summary["tokens"][str(a)], "trainable_params": n_params,
+            "base_params": sum(p.numel() for p in trainer.engine.model.parameters() if not p.requires_grad),
             "optimizer_bytes": 8 * n_params,  # two fp32 AdamW moments
             "checkpoint_bytes": _dir_bytes(checkpoints.adapter_dir(ckpt, a)),
             "entropy_initial": ini["entropy"], "entropy_final": fin["entropy"],
@@ -356,6 +339,7 @@ def _record_group(out_dir: Path, g: int, spec: SweepSpec, cfg: TrainConfig, trai
         (run_dir / "config.json").write_text(json.dumps({"run": row["run_id"], "seed": run.seed,
                                                          "group_config": cfg.to_dict()}, indent=2, default=str))
         (run_dir / "run.json").write_text(json.dumps(run_info(), indent=2))
+        results.write_curve(run_dir, trainer.out / "log.jsonl", a)
         write_json_atomic(run_dir / RESULT_FILE, row)
         (run_dir / FAILED_FILE).unlink(missing_ok=True)  # an earlier failure of this run is superseded
 
@@ -383,6 +367,7 @@ def write_results(out_dir) -> Path:
             if (run_dir / name).exists():
                 rows.append(json.loads((run_dir / name).read_text()))
                 break
+    results.write_curves(out_dir)
     return results.write_csv(out_dir / "results.csv", rows)
 
 
