@@ -56,7 +56,7 @@ import numbers
 
 import torch
 
-from .loss_types import NORMALISER, SURROGATE, check_loss_type, loss_normalisers
+from .loss_types import NORMALISER, SEQUENCE_ADVANTAGE_ONLY, SURROGATE, check_loss_type, loss_normalisers
 
 IMPORTANCE_LEVELS = ("token", "sequence")
 METRIC_NAMES = ("clip_frac_low", "clip_frac_high", "clip_frac", "kl_mean", "ratio_mean")
@@ -94,7 +94,7 @@ def check_policy_loss_inputs(logp, old_logp, advantages, mask, adapter_ids, ref_
     if not _is_float(advantages) or advantages.shape not in ((B,), (B, L)):
         raise ValueError(f"advantages must be a floating tensor [B]=[{B}] (one per sequence) or [B, L]=[{B}, {L}] "
                          f"(one per token), got {getattr(advantages, 'shape', type(advantages))}")
-    if advantages.dim() == 2 and (importance_level == "sequence" or loss_type == "vespo"):
+    if advantages.dim() == 2 and (importance_level == "sequence" or loss_type in SEQUENCE_ADVANTAGE_ONLY):
         # GSPO's ratio and VESPO's phi are per sequence, and so is the advantage they pair with.
         raise ValueError(f"per-token advantages [B, L] need importance_level='token' and a loss type other "
                          f"than vespo (got {importance_level!r}, {loss_type!r}); pass one advantage per sequence")

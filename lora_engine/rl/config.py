@@ -21,7 +21,8 @@ from pathlib import Path
 
 from lora_engine.checks import check_types
 from lora_engine.engine.spec import AdapterSpec
-from lora_engine.kernels.policy_loss import LOSS_OPTION_DEFAULTS, LOSS_TYPES, check_loss_options
+from lora_engine.kernels.policy_loss import (LOSS_OPTION_DEFAULTS, LOSS_TYPES, SEQUENCE_ADVANTAGE_ONLY,
+                                            check_loss_options)
 from lora_engine.rl.models import DTYPES
 from lora_engine.rl.ppo import KL_KINDS
 from lora_engine.rl.prm import PRM_KINDS
@@ -196,15 +197,13 @@ class TrainConfig:
 
 
 ALGORITHMS = ("grpo", "ppo")
-# PPO's advantages are per token: loss types whose surrogate and normaliser are token-local
-# (kernels.policy_loss.loss_types; dapo = verl's token-mean).
-PPO_LOSS_TYPES = ("dapo", "bnpo", "cispo")
 
 
 def _check_ppo(cfg: TrainConfig) -> None:
-    if cfg.loss_type not in PPO_LOSS_TYPES:
-        raise ValueError(f"algorithm = \"ppo\" takes loss_type in {PPO_LOSS_TYPES} (per-token advantages, "
-                         f"token-mean), got {cfg.loss_type!r}: use loss_type = \"dapo\"")
+    if cfg.loss_type in SEQUENCE_ADVANTAGE_ONLY:  # PPO's GAE advantages are per token
+        raise ValueError(f"loss_type {cfg.loss_type!r} weighs each sequence by one factor and needs one advantage "
+                         "per sequence, but algorithm = \"ppo\" gives one per token: use another loss_type "
+                         "(e.g. \"dapo\") or algorithm = \"grpo\"")
     if cfg.drop_zero_variance:
         raise ValueError("drop_zero_variance is for GRPO's groups: set drop_zero_variance = false with algorithm = \"ppo\"")
     for name in ("critic_rank", "critic_warmup_steps"):

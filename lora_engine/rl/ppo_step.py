@@ -8,8 +8,11 @@ Objective. Policy a (theta_a) and its critic c(a) (a LoRA in the same bank + val
     r_t     = R_i [t = last token] - beta * kl_t       kl_penalty = "reward": kl_t = kl_estimator(pi_old, ref)
     A, R    = GAE(gamma, lam) of r and V_old            (verl's compute_gae_advantage_return, ``rl.ppo.gae``)
     A_hat   = (A - mean_a A) / std_a A                  (whiten_advantages, over a's tokens)
-    L_pi(a) = token-mean_a -min(rho_t A_hat_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_hat_t)
-              (+ beta * k3_t with kl_penalty = "loss"; cispo's surrogate with loss_type = "cispo")
+    L_pi(a) = AGG_a -min(rho_t A_hat_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_hat_t)
+              (+ beta * k3_t with kl_penalty = "loss"; cispo's or sapo's surrogate with those
+              loss types; AGG is the loss type's normaliser over a's sequences: token-mean for
+              dapo/bnpo/cispo, verl's seq-mean-token-mean for grpo/sapo, sum / (n_a *
+              max_new_tokens) for dr_grpo, sum / n_a for luspo; vespo is refused, its phi is per sequence)
     L_V(a)  = 0.5 token-mean_a max((V_t - R_t)^2, (clip(V_t, V_old - c, V_old + c) - R_t)^2)
               (verl's compute_value_loss, c = value_clip)
 
@@ -22,9 +25,8 @@ counts steps from 1 and updates the actor once ``critic_warmup <= step``).
 Rows. One decoder pass serves several roles of the same sequences: row b of adapter a is
 repeated under a (log-probs), c(a) (values) and, without grad, -1 (the reference), in one
 routed batch; ``micro_batch_size`` counts sequences, each forward holds 2-3 rows per sequence.
-The policy loss takes per-token advantages through the fused policy-loss op by treating every
-valid token as a one-token row: exact for the token-local, token-normalised loss types
-(``config.PPO_LOSS_TYPES``).
+The fused policy-loss op takes the [B, C] per-token advantages on the real rows, so every loss
+type's normaliser counts a's sequences and tokens as under GRPO.
 """
 from __future__ import annotations
 
@@ -36,24 +38,21 @@ import torch
 from lora_engine import ops
 from lora_engine.engine.optimizer import BankAdamW
 from lora_engine.engine.peft_format import load_adapter_weights, save_adapter
-from lora_engine.kernels.policy_loss import METRIC_NAMES, loss_normalisers
+from lora_engine.kernels.policy_loss import METRIC_NAMES
 from lora_engine.rl import checkpoints, ppo
 from lora_engine.rl.critic import ValueHeads, critic_spec
 
 
-def token_policy_loss(logp, old, adv, mask, ids, ref, A: int, cfg):
-    """Per-adapter [A] policy loss and metrics with per-token advantages ``adv`` [B, L]: every
-    valid token is a one-token row of ``ops.policy_loss`` (the fused op takes one advantage per
-    row), exact for the token-local, token-normalised loss types (``config.PPO_LOSS_TYPES``).
-    ``cfg``: the clip range, loss type and options; beta joins the loss with kl_penalty = "loss"."""
-    sel = mask > 0
-    here, local = torch.unique(ids[:, None].expand_as(mask)[sel], return_inverse=True)
-    col = lambda t: t[sel][:, None]  # noqa: E731
+def policy_loss(logp, old, adv, mask, ids, ref, A: int, cfg):
+    """Per-adapter [A] policy loss and metrics of these rows (ids [B]) with per-token advantages
+    ``adv`` [B, L], each adapter normalised over its own rows here by ``cfg.loss_type`` (dr_grpo's
+    length: ``cfg.max_new_tokens``). ``cfg``: the clip range, loss type and options; beta joins
+    the loss with kl_penalty = "loss" (``ref`` otherwise only feeds the kl metric)."""
+    here, local = torch.unique(ids, return_inverse=True)
     part, mt = ops.policy_loss(
-        col(logp), col(old), adv[sel], torch.ones_like(col(logp)), local,
-        ref_logp=col(ref) if ref is not None else None, loss_type=cfg.loss_type, eps_low=cfg.eps_low,
+        logp, old, adv, mask, local, ref_logp=ref, loss_type=cfg.loss_type, eps_low=cfg.eps_low,
         eps_high=cfg.eps_high, delta=cfg.delta, beta=cfg.beta if cfg.kl_penalty == "loss" else 0.0,
-        num_adapters=here.numel(), **cfg.loss_options)
+        num_adapters=here.numel(), max_completion_length=cfg.max_new_tokens, **cfg.loss_options)
     losses = part.new_zeros(A).index_add(0, here, part)
     return losses, {k: v.new_zeros(A).index_copy(0, here, v) for k, v in mt.items()}
 
@@ -132,9 +131,10 @@ class PPOStep:
         adv_raw, returns = ppo.gae(rewards, old_v, mask, cfg.gamma, cfg.lam)
         adv = ppo.whiten(adv_raw, mask, ids, A) if cfg.whiten_advantages else adv_raw
         warm = step < cfg.critic_warmup_steps
-        # Micro-batch losses are token means: rescaled by tokens_mb / tokens_batch per adapter,
-        # the accumulated gradient is the whole batch's (as the GRPO step does).
-        _, full_tok = loss_normalisers(ids, mask, A, "dapo")
+        # Each micro-batch's losses are rescaled from its own normalisers to the whole batch's
+        # (the loss type's for the policy, tokens for the value loss and the metrics), so the
+        # accumulated gradient is the whole batch's (as the GRPO step does).
+        full_den, full_tok = tr._normalisers(ids, mask, A)
         entropy = torch.zeros_like(mask)
         for _ in range(cfg.inner_updates):
             pol, val, vclip = (torch.zeros(A, device=self.device) for _ in range(3))
@@ -142,16 +142,17 @@ class PPOStep:
             for idx in chunks:
                 sub, m, pid = ro.select(idx), mask[idx], ids[idx]
                 out = self.forward(sub, policy=not warm, base=False, entropy=True)
-                w = loss_normalisers(pid, m, A, "dapo")[1] / full_tok
+                den, tok = tr._normalisers(pid, m, A)
+                w, w_pol = tok / full_tok, den / full_den
                 vl, vc = ppo.value_loss(out["values"], old_v[idx], returns[idx], m, pid, A,
                                         clip=cfg.value_clip or None)
                 loss = cfg.vf_coef * (vl * w).sum()
                 if not warm:
                     old_t = old[idx] if cfg.inner_updates > 1 else out["logp"].detach()
-                    pl, mt = token_policy_loss(out["logp"], old_t, adv[idx], m, pid,
-                                               ref[idx] if ref is not None else None, A, cfg)
-                    loss = loss + (pl * w).sum()
-                    pol += pl.detach() * w
+                    pl, mt = policy_loss(out["logp"], old_t, adv[idx], m, pid,
+                                         ref[idx] if ref is not None else None, A, cfg)
+                    loss = loss + (pl * w_pol).sum()
+                    pol += pl.detach() * w_pol
                     part = {k: v * w for k, v in mt.items()}
                     metrics = part if metrics is None else {k: metrics[k] + part[k] for k in part}
                     entropy[idx] = out["entropy"].detach()
