@@ -54,6 +54,17 @@ def lora_column_scale(y, bias, scale, scaled, routing):
     return fn(y, bias, scale, scaled, routing)
 
 
+def routed_scale(x, scale, slot_row, routing, shift=None, base=None):
+    """Each row scaled by its own adapter's vector: ``out[t] = x[t] * scale[r] + shift[r]`` with
+    ``r = slot_row[a]`` on the rows of every adapter ``a`` with ``r >= 0``, ``base[t]`` (x[t] without
+    base) elsewhere. IA3's vectors and LayerNorm tuning's weights. See
+    ``lora_engine.kernels.rowscale.triton_rowscale.routed_scale_triton`` for shapes and dtypes."""
+    from lora_engine.kernels import rowscale
+
+    fn = rowscale.routed_scale_triton if use_triton(x) else rowscale.routed_scale_naive
+    return fn(x, scale, slot_row, routing, shift=shift, base=base)
+
+
 # --- fused AdamW over an adapter bank -----------------------------------------------------
 
 def segment_sumsq(grads, segs, num_slots):

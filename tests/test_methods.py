@@ -218,7 +218,8 @@ def test_triton_matches_reference_for_every_method(monkeypatch):
             assert_as_close_as_torch(cat(got[i]), cat(ref[i]), cat(ref64[i]), torch.float32, f"{m} grad {kind}")
 
 
-@pytest.mark.parametrize("method", ["pissa", "milora", "dora", "vera", "full", "lora_fa", "lora"])
+@pytest.mark.parametrize("method", ["pissa", "milora", "dora", "vera", "full", "lora_fa", "lora", "adalora", "miss", "ia3",
+                                    "ln_tuning"])
 def test_step0_equals_base(method, backend):
     spec = le.AdapterSpec(rank=4, alpha=8, method=method, seed=3)
     engine = le.MultiLoRAModel(tiny_model(), [spec], target_modules=FEW)
@@ -306,16 +307,26 @@ def test_mixed_batch_of_every_method_keeps_isolation(backend):
 def test_delta_weight_reproduces_each_methods_layer_output():
     engine = _all_methods_engine()
     _perturb(engine)
-    name = "model.layers.1.self_attn.q_proj"
-    layer = engine.model.get_submodule(name)
-    x = torch.randn(1, 5, layer.in_features, generator=torch.Generator().manual_seed(2))
-    for i, m in enumerate(METHODS):
-        dw = methods.delta_weights(engine, i)[name]
-        with torch.no_grad(), engine.use_adapters(torch.tensor([i])):
-            y = layer(x)
-        ref = torch.nn.functional.linear(x.double(), layer.weight.double() + dw.double(),
-                                         None if layer.bias is None else layer.bias.double())
-        assert_close(y, ref.float(), torch.float32, f"{m}: x (W + dW)^T")
+    n_checked = {}
+    # q_proj: no IA3; v_proj: IA3 scales the output; down_proj: IA3 scales the input.
+    for name in ("model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.1.mlp.down_proj"):
+        layer = engine.model.get_submodule(name)
+        x = torch.randn(1, 5, layer.in_features, generator=torch.Generator().manual_seed(2))
+        for i, m in enumerate(METHODS):
+            deltas = methods.delta_weights(engine, i)
+            if name not in deltas:
+                continue
+            with torch.no_grad(), engine.use_adapters(torch.tensor([i])):
+                y = layer(x)
+            ref = torch.nn.functional.linear(x.double(), layer.weight.double() + deltas[name].double(),
+                                             None if layer.bias is None else layer.bias.double())
+            assert_close(y, ref.float(), torch.float32, f"{m}: x (W + dW)^T on {name}")
+            n_checked[m] = n_checked.get(m, 0) + 1
+    assert set(n_checked) == set(METHODS) - {"ln_tuning"} and n_checked["ia3"] == 2
+    ln = METHODS.index("ln_tuning")
+    norm = "model.layers.1.post_attention_layernorm"
+    want = engine.bank.tensors(ln, norm)["ln_weight"] - engine.bank.modules_info[norm].weight
+    assert torch.equal(methods.delta_weights(engine, ln)[norm], want), "LN tuning: w_a - w"
 
 
 def test_dora_norm_memo_is_fresh_after_an_in_place_update():
@@ -483,7 +494,7 @@ def test_lora_plus_and_rslora_defaults_and_param_groups():
 
 
 @pytest.mark.parametrize("make,match", [
-    pytest.param(lambda: le.AdapterSpec(rank=2, method="adalora"), "method must be one of", id="unknown-method"),
+    pytest.param(lambda: le.AdapterSpec(rank=2, method="nope"), "method must be one of", id="unknown-method"),
     pytest.param(lambda: le.MultiLoRAModel(tiny_model(), [le.AdapterSpec(rank=2, rank_pattern={"nope": 4})]),
                  "match none", id="rank_pattern-matches-nothing"),
     pytest.param(lambda: le.MultiLoRAModel(tiny_model(), [le.AdapterSpec(rank=2, target_modules=("q_proj",),

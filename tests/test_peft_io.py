@@ -171,7 +171,7 @@ def _peft_dir(tmp_path, **cfg_overrides):
     pytest.param(dict(fan_in_fan_out=True), "Conv1D", id="fan-in-fan-out"),
     pytest.param(dict(bias="all"), "bias", id="bias"),
     pytest.param(dict(modules_to_save=["lm_head"]), "modules_to_save", id="modules-to-save"),
-    pytest.param(dict(peft_type="IA3"), "IA3.*not supported", id="not-lora"),
+    pytest.param(dict(peft_type="PREFIX_TUNING"), "PREFIX_TUNING.*not supported", id="not-supported-type"),
 ])
 def test_unsupported_peft_features_are_clear_errors(tmp_path, overrides, needle):
     d = _peft_dir(tmp_path, **overrides)

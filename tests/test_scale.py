@@ -1,5 +1,5 @@
-"""Many adapters on one base: an adapter trained beside 1,000 others (ranks 1..64, seven methods,
-several target subsets) gets the gradient and the update it gets alone; the bank is laid out
+"""Many adapters on one base: an adapter trained beside 1,000 others (ranks 1..64, all thirteen
+methods, several target subsets) gets the gradient and the update it gets alone; the bank is laid out
 once for the whole list and stores exactly the adapters' own numbers."""
 import copy
 
@@ -12,7 +12,9 @@ from helpers import assert_as_close_as_torch, assert_close
 from lora_engine.engine import methods
 from lora_engine.engine.optimizer import BankAdamW
 
-METHODS = ("lora", "rslora", "dora", "lora_fa", "pissa", "vera", "lora_plus")
+METHODS = ("lora", "rslora", "dora", "lora_fa", "pissa", "vera", "lora_plus", "milora", "full", "adalora", "miss",
+           "ia3", "ln_tuning")
+assert set(METHODS) == set(methods.METHODS), "every method of the table mixes in the bank"
 TARGETS = (None, "attention", ("q_proj", "down_proj"), None, "mlp")
 V, L = 97, 5
 
@@ -29,9 +31,12 @@ def _base():
 
 def _spec(i: int) -> le.AdapterSpec:
     method = METHODS[i % len(METHODS)]
-    rank = 1 + (i * 5) % (32 if method == "pissa" else 64)  # PiSSA keeps 2r rows: r <= 32 here
+    rank = 1 + (i * 5) % (32 if method in ("pissa", "milora") else 64)  # PiSSA keeps 2r rows: r <= 32 here
+    targets = TARGETS[i % len(TARGETS)]
+    if method == "ln_tuning":  # norms: the default ones, or a per-layer one and the per-head q_norm
+        targets = None if i % 2 else ("post_attention_layernorm", "q_norm")
     return le.AdapterSpec(rank=rank, alpha=16, seed=i, method=method, lr=1e-3 * (1 + i % 3),
-                          weight_decay=0.01 * (i % 2), target_modules=TARGETS[i % len(TARGETS)],
+                          weight_decay=0.01 * (i % 2), target_modules=targets,
                           layers=(1,) if i % 11 == 0 else None)
 
 
@@ -76,7 +81,7 @@ def _grads64(engine, rows, monkeypatch):
 
 
 @pytest.mark.parametrize("n,targets", [
-    pytest.param(71, (0, 2, 3, 4, 5, 6, 7, 64, 70), id="71-adapters"),
+    pytest.param(71, tuple(range(13)) + (64, 70), id="71-adapters"),
     pytest.param(1001, (0, 2, 3, 4, 5, 6, 7, 500, 997, 1000), id="1001-adapters", marks=pytest.mark.slow),
 ])
 def test_an_adapter_beside_many_others_gets_the_update_it_gets_alone(n, targets, monkeypatch):

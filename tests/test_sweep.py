@@ -1,5 +1,6 @@
 """Sweep spec validation, packing, and resume without redoing finished runs."""
 import csv
+from pathlib import Path
 
 import pytest
 
@@ -217,3 +218,19 @@ def test_driver_writes_rows_it_cannot_see(tmp_path, capsys):
     wrapped = RuntimeError("Traceback...\nmany lines")
     wrapped.cause = ValueError("bad reward\nsecond line")  # what Ray's RayTaskError carries
     assert error_line(wrapped) == "ValueError: bad reward"
+
+
+def test_a_grid_of_loss_types_never_shares_a_group_and_the_study_b_spec_packs():
+    from lora_engine.studies import sweep
+
+    spec = sweep.load_spec(Path(__file__).parent.parent / "examples" / "studies" / "peft_methods_tiny.toml")
+    assert len(spec.runs) == 36 and len(spec.groups) == 3
+    for g, runs in enumerate(spec.groups):
+        assert len({r.loss_type for r in runs}) == 1 and len({r.method for r in runs}) == 12
+        cfg = sweep.group_config(spec, g, Path("/tmp/unused"))
+        assert cfg.loss_type == runs[0].loss_type
+    assert {r.loss_type for r in spec.runs} == {"grpo", "dapo", "dr_grpo"}
+    assert len({r.run_id for r in spec.runs}) == 36, "the loss type is in the run id"
+    plain = sweep.spec_from_dict({"fixed": {"model": "tiny", "loss_type": "grpo"}, "grid": {"rank": [1]}})
+    assert plain.runs[0].loss_type == "" and "grpo" not in plain.runs[0].run_id, "ungridded: [fixed]'s, ids unchanged"
+    assert sweep.group_config(plain, 0, Path("/tmp/unused")).loss_type == "grpo"

@@ -19,7 +19,7 @@ from torch import nn
 from lora_engine.engine import methods
 from lora_engine.engine.methods import LAYOUTS, RANKED, method_of, storage_name
 from lora_engine.engine.packing import (AdapterView, ModuleLayout, build_layout, check_new_adapter, extend_layout,
-                                        restack, view_index)
+                                        pack_kernel_pair, restack, view_index)
 from lora_engine.engine.spec import AdapterSpec, layer_index, matches
 from lora_engine.kernels.lora import LoRALayout
 
@@ -30,8 +30,10 @@ def _key(module_name: str) -> str:
 
 
 class _ModuleInfo:
-    def __init__(self, in_features: int, out_features: int, device, weight: torch.Tensor | None = None):
+    def __init__(self, in_features: int, out_features: int, device, weight: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, kind: str = "linear"):
         self.in_features, self.out_features, self.device, self.weight = in_features, out_features, device, weight
+        self.bias, self.kind = bias, kind  # kind: "linear" or "norm" (``Method.module_type``)
         self.w_sq: tuple | None = None  # ((device, dtype, data_ptr) of W, ||W_n||^2)
 
 
@@ -64,6 +66,7 @@ class AdapterBank(nn.Module):
         self._dirty: set[str] = set()               # modules whose buffers must be laid out again
         self._defer = 0
         self.state_names: tuple[str, ...] = ()      # optimiser state kept beside each trainable buffer
+        self._extra_states: dict[str, tuple] = {}   # buffer name -> state kept beside that buffer only
         self._views: dict = {}
         self._cleared: dict = {}                    # view key -> buffer generation when its grad was cleared
         self._gen: dict = {}                        # (module, buffer) -> backward accumulations seen
@@ -86,16 +89,20 @@ class AdapterBank(nn.Module):
 
     # -- registry ------------------------------------------------------------------------
     def register_module_info(self, name: str, in_features: int, out_features: int, device,
-                             weight: torch.Tensor | None = None) -> None:
-        """``weight`` ([N, K], frozen) is needed by the methods that read W: DoRA, PiSSA, MiLoRA."""
-        self.modules_info[name] = _ModuleInfo(in_features, out_features, torch.device(device), weight)
+                             weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                             kind: str = "linear") -> None:
+        """``weight`` ([N, K], frozen) is needed by the methods that read W: DoRA, PiSSA, MiLoRA; a
+        norm module (``kind="norm"``, in = out = d) gives its weight and bias [d] (LN tuning)."""
+        self.modules_info[name] = _ModuleInfo(in_features, out_features, torch.device(device), weight, bias, kind)
         self.store[_key(name)] = nn.Module()
         self._on[name] = set()
         self._laid_slots = -1
 
     def targets_of(self, spec: AdapterSpec) -> list[str]:
-        targets = spec.target_modules if spec.target_modules is not None else self.default_targets
-        names = [n for n in self.modules_info if matches(n, targets)]
+        method = method_of(spec)
+        targets = spec.target_modules if spec.target_modules is not None else (
+            method.default_targets or self.default_targets)
+        names = [n for n, info in self.modules_info.items() if info.kind == method.module_type and matches(n, targets)]
         if spec.layers is not None:
             names = [n for n in names if layer_index(n) in spec.layers]
         return names
@@ -141,7 +148,8 @@ class AdapterBank(nn.Module):
         init = {}
         for n in names:
             info = self.modules_info[n]
-            tensors = method.init(spec, n, info.in_features, info.out_features, info.weight, gen)
+            extra = {"bias": info.bias} if method.module_type == "norm" else {}
+            tensors = method.init(spec, n, info.in_features, info.out_features, info.weight, gen, **extra)
             init[n] = {kind: t.to(info.device, self.dtype) for kind, t in tensors.items()}
         self._pending[i] = init
         self.specs[i], self._targets[i] = spec, names
@@ -195,10 +203,10 @@ class AdapterBank(nn.Module):
                 continue
             specs = {i: self.specs[i] for i in self._on[name]}
             new = build_layout(name, info.in_features, info.out_features, info.device, specs, self.next_id,
-                               self.vera_of)
+                               self.vera_of, info)
             if name in self._dirty:
                 pending = {i: t[name] for i, t in self._pending.items() if name in t}
-                restack(self.store[_key(name)], self._layouts.get(name), new, pending, self.state_names,
+                restack(self.store[_key(name)], self._layouts.get(name), new, pending, self.states_of,
                         self.dtype, info.device)
                 self._views = {k: v for k, v in self._views.items() if k[1] != name}
                 self._rewatch(name)
@@ -231,13 +239,24 @@ class AdapterBank(nn.Module):
                 if not b.endswith("__frozen"):
                     yield name, b, store._parameters[b], slots, methods.lora_plus_rate(b, methods.buffer_layout(b))
 
-    def add_state(self, names) -> None:
-        """Keep optimiser state ``names`` (zeros at first) beside every trainable buffer, laid out with it."""
-        new = tuple(n for n in names if n not in self.state_names)
-        self.state_names += new
+    def add_state(self, names, buffers=None) -> None:
+        """Keep state ``names`` (zeros at first) beside every trainable buffer (or only the buffers
+        named in ``buffers``: AdaLoRA's importance beside its own), laid out with it."""
+        have = self.states_of(None) if buffers is None else self._extra_states.get(next(iter(buffers)), ())
+        new = tuple(n for n in names if n not in have)
+        if buffers is None:
+            self.state_names += new
+        else:
+            for b in buffers:
+                self._extra_states[b] = self._extra_states.get(b, ()) + new
         for name, b, p, _, _ in self.trainable_buffers():
-            for s in new:
-                self.store[_key(name)].register_buffer(f"{b}__{s}", torch.zeros_like(p.detach()), persistent=False)
+            if buffers is None or b in buffers:
+                for s in new:
+                    self.store[_key(name)].register_buffer(f"{b}__{s}", torch.zeros_like(p.detach()), persistent=False)
+
+    def states_of(self, b: str | None) -> tuple[str, ...]:
+        """The state kept beside buffer ``b`` (None: beside every trainable buffer)."""
+        return self.state_names + (self._extra_states.get(b, ()) if b is not None else ())
 
     def state(self, name: str, b: str, s: str) -> torch.Tensor:
         return self.store[_key(name)]._buffers[f"{b}__{s}"]
@@ -259,7 +278,7 @@ class AdapterBank(nn.Module):
     def _make_views(self, i: int, name: str) -> dict[str, AdapterView]:
         method, lay, store = method_of(self.specs[i]), self._layouts[name], self.store[_key(name)]
         views = {}
-        for kind, layout in method.kinds:
+        for kind, layout in method.kinds_on(self.specs[i], name, self.modules_info[name]):
             b = storage_name(method, kind)
             off, size = lay.slots[b].span(i)
             buf = store._parameters[b]
@@ -277,7 +296,7 @@ class AdapterBank(nn.Module):
         self._check_id(i)
         per_module = {n: self.tensors(i, n) for n in self._targets[i]}
         return {f"{n}.{kind}": per_module[n][kind] for kind in method_of(self.specs[i]).kind_names
-                for n in self._targets[i]}
+                for n in self._targets[i] if kind in per_module[n]}
 
     def parameters_of(self, i: int) -> list[AdapterView]:
         """Adapter ``i``'s trainable tensors (frozen ones, e.g. LoRA-FA's A, are left out)."""
@@ -354,24 +373,9 @@ class AdapterBank(nn.Module):
             if key not in memo:
                 memo[key] = self.kernel_pair(name, dtype)
             return memo[key]
-        info, store = self.modules_info[name], self.store[_key(name)]
-        if not lay.groups:
-            return (torch.zeros(0, info.in_features, device=info.device, dtype=dtype),
-                    torch.zeros(info.out_features, 0, device=info.device, dtype=dtype))
-        parts_a, parts_b = [], []
-        for g in lay.groups:
-            m = methods.TABLE[g.method]
-            t = {}
-            for kind in m.kernel_kinds:
-                buf, sel = store._parameters[storage_name(m, kind)], g.select[kind]
-                t[kind] = buf if sel is None else buf.index_select(LAYOUTS[m.layout_of(kind)], sel)
-            pa, pb = m.pack(t, g.context)
-            parts_a += pa
-            parts_b += pb
-        if lay.perm is None:
-            return parts_a[0].to(dtype), parts_b[0].to(dtype)
-        return (torch.cat(parts_a, 0).index_select(0, lay.perm).to(dtype),
-                torch.cat(parts_b, 1).index_select(1, lay.perm).to(dtype))
+        info = self.modules_info[name]
+        return pack_kernel_pair(self.store[_key(name)]._parameters, lay, info.in_features, info.out_features,
+                                info.device, dtype)
 
     def dora_scale(self, name: str, weight: torch.Tensor, memo: dict | None = None) -> torch.Tensor:
         """[num_slots, N] fp32: m_a / ||W + s_a B_a A_a||_c on the rows of the module's DoRA adapters, 1 elsewhere.
@@ -389,12 +393,4 @@ class AdapterBank(nn.Module):
         if info.w_sq is None or info.w_sq[0] != (weight.device, weight.dtype, weight.data_ptr()):
             # W is frozen; only a move or cast of the base model (.to/.cuda) changes it.
             info.w_sq = ((weight.device, weight.dtype, weight.data_ptr()), methods.column_norm_sq(weight))
-        a, b = store._parameters["lora_A"], store._parameters["lora_B"]
-        a = a if d.a_rows is None else a.index_select(0, d.a_rows)
-        b = b if d.b_cols is None else b.index_select(1, d.b_cols)
-        norms = methods.dora_norms(weight, a, b, d.scales, d.buckets, info.w_sq[1])
-        m = store._parameters["lora_magnitude_vector"]
-        m = m if d.m_rows is None else m.index_select(0, d.m_rows)
-        rows = m.float() / norms
-        ones = torch.ones(self.next_id, info.out_features, device=weight.device, dtype=rows.dtype)
-        return ones.index_copy(0, d.slots, rows)
+        return methods.dora_scale_rows(store._parameters, d, weight, info.w_sq[1], self.next_id, methods.dora_norms)

@@ -1,4 +1,5 @@
-"""``MultiLoRALinear``: a frozen base ``nn.Linear`` plus the bank's adapters for that module."""
+"""``MultiLoRALinear``: a frozen base ``nn.Linear`` plus the bank's adapters for that module;
+``MultiNorm``: a frozen norm module plus the LayerNorm-tuning adapters' own weights."""
 from __future__ import annotations
 
 import weakref
@@ -118,6 +119,9 @@ class MultiLoRALinear(nn.Module):
         # Generation (no grad) reuses the kernel pair and DoRA norms for every token; training
         # rebuilds them each forward, since an optimiser step may have changed the weights.
         memo = None if torch.is_grad_enabled() else self.state.memo
+        ia3_in, ia3_out = lay.row_scale("in"), lay.row_scale("out")
+        if ia3_in is not None:  # IA3 on a feedforward module: its adapters' rows of x scaled first
+            x2 = ops.routed_scale(x2, self.bank.buffer(self.name, ia3_in.buffer), ia3_in.slot_row, routing)
         lora_a, lora_b = self.bank.kernel_pair(self.name, x.dtype, memo)
         y = ops.lora_linear(x2, weight, bias, lora_a, lora_b, lay.kernel, routing)
         if lay.dora is not None:
@@ -125,6 +129,8 @@ class MultiLoRALinear(nn.Module):
             y = ops.lora_column_scale(y, self.base.bias, scale, lay.dora.flags, routing)
         if lay.full is not None:
             y = self._dense(x2, y, routing, lay)
+        if ia3_out is not None:  # IA3 elsewhere: the output rows, bias included (PEFT's)
+            y = ops.routed_scale(y, self.bank.buffer(self.name, ia3_out.buffer), ia3_out.slot_row, routing)
         return y.reshape(*lead, -1)
 
     def _dense(self, x2, y, routing, lay):
@@ -152,3 +158,69 @@ class MultiLoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name}, in={self.in_features}, out={self.out_features}"
+
+
+class MultiNorm(nn.Module):
+    """Frozen norm module; the rows of LayerNorm-tuning adapters get the adapter's own weight
+    and bias: out = n(x) * w_a + b_a, with n(x) the base norm at unit weight and zero bias (one
+    more call of it, only when such an adapter is routed), every other row the base output.
+
+    Holds for norms computing ``n(x) * weight (+ bias)`` (nn.LayerNorm, nn.RMSNorm, the HF
+    RMSNorms of Llama/Qwen); ``check_affine`` refuses others (Gemma's ``(1 + weight)``).
+    """
+
+    def __init__(self, base: nn.Module, name: str, bank, state: RoutingState):
+        super().__init__()
+        self.base = base
+        self.name = name
+        object.__setattr__(self, "bank", bank)
+        object.__setattr__(self, "state", state)
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return getattr(self.base, "bias", None)
+
+    def _unit(self, x):
+        """The base norm at weight 1 and bias 0 (a functional call: the module is not changed)."""
+        w, b = self.base.weight, self.bias
+        params = {"weight": torch.ones_like(w)}
+        if b is not None:
+            params["bias"] = torch.zeros_like(b)
+        return torch.func.functional_call(self.base, params, (x,))
+
+    def check_affine(self) -> None:
+        """ValueError unless the base output is n(x) * weight + bias (probed once, at wrap time)."""
+        w = self.base.weight
+        x = torch.randn(3, w.shape[-1], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+        with torch.no_grad():
+            y, n = self.base(x), self._unit(x)
+            want = n * w + (self.bias if self.bias is not None else 0)
+        if not torch.allclose(y.float(), want.float(), rtol=1e-2, atol=1e-3):
+            raise ValueError(f"{self.name} ({type(self.base).__name__}) is not n(x) * weight + bias: LayerNorm "
+                             "tuning supports LayerNorm/RMSNorm-style norms; leave this module out of target_modules")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.state.adapter_ids is None:
+            return y
+        term = self.bank.module_layout(self.name).row_scale("norm")
+        if term is None:
+            return y
+        if x.dim() < 3:
+            raise ValueError(f"{self.name}: expected [B, L, ..., d] activations, got {tuple(x.shape)}")
+        routing = self.state.routing_for(x.shape[0], x.shape[1], x.device)
+        w = self.bank.buffer(self.name, term.buffer)
+        b = self.bank.buffer(self.name, term.shift) if term.shift is not None else None
+        reps = y[0, 0].numel() // w.shape[1]  # a per-head norm (Qwen3's q_norm): one d-vector per head
+        if reps > 1:
+            w, b = w.repeat(1, reps), (b.repeat(1, reps) if b is not None else None)
+        T = x.shape[0] * x.shape[1]
+        out = ops.routed_scale(self._unit(x).reshape(T, -1), w, term.slot_row, routing, shift=b,
+                               base=y.reshape(T, -1))
+        return out.view(y.shape)

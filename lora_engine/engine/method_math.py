@@ -61,3 +61,17 @@ def dora_norms(weight, lora_a, lora_b, scales, buckets, w_sq) -> torch.Tensor:
             ba_sq.index_copy_(1, which, (torch.einsum("nar,ars->nas", b_r, gram) * b_r).sum(-1))
         s = scales[None, :]
         return (w_sq[:, None] + 2.0 * s * cross + s * s * ba_sq).clamp_min(0.0).sqrt().T
+
+
+def dora_scale_rows(params: dict, d, weight, w_sq, num_slots: int, norms=dora_norms) -> torch.Tensor:
+    """[num_slots, N] fp32: m_a / ||W + s_a B_a A_a||_c on the rows of a module's DoRA adapters
+    (``d``: the layout's ``DoraTerms``; ``params``: its buffers), 1 elsewhere; differentiable in m.
+    ``norms``: the batched norm function (``dora_norms``; the bank passes the table's name for it)."""
+    a, b = params["lora_A"], params["lora_B"]
+    a = a if d.a_rows is None else a.index_select(0, d.a_rows)
+    b = b if d.b_cols is None else b.index_select(1, d.b_cols)
+    m = params["lora_magnitude_vector"]
+    m = m if d.m_rows is None else m.index_select(0, d.m_rows)
+    rows = m.float() / norms(weight, a, b, d.scales, d.buckets, w_sq)
+    ones = torch.ones(num_slots, weight.shape[0], device=weight.device, dtype=rows.dtype)
+    return ones.index_copy(0, d.slots, rows)

@@ -3,8 +3,9 @@ its tensors and how each lays out in the bank's packed storage, their init, how 
 derives from them, the weight update they amount to, and their PEFT export. A new method is one
 new record here.
 
-Every method is a LoRA-shaped pair that the packed kernel computes (``y += s x A_eff^T B_eff^T``
-on the adapter's rows), plus, for two methods, one more term in ``MultiLoRALinear``:
+Most methods are a LoRA-shaped pair that the packed kernel computes (``y += s x A_eff^T B_eff^T``
+on the adapter's rows), some with one more term in ``MultiLoRALinear``; IA3 and LN tuning scale
+rows instead (``ops.routed_scale``):
 
     method     per module: trainable | frozen               kernel pair A_eff [R', K], B_eff [N, R']    s        R'
     lora       A [r, K], B [N, r]                           A, B                                        alpha/r  r
@@ -16,7 +17,11 @@ on the adapter's rows), plus, for two methods, one more term in ``MultiLoRALinea
     milora     as pissa, bottom-r singular triplets
     vera       d [r], b [N] | A_v [r, K_max], B_v [N_max, r] shared by all VeRA adapters of the same
                (rank, projection_prng_key, targets)         diag(d) A_v[:, :K], diag(b) B_v[:N]         1        r
+    adalora    P [r, K], E [r], Q [N, r] (adalora.py)       P * E, Q                                    alpha/(r+1e-5)
+    miss       M^T [N, r] (extra_methods.py)                shard sum [r, K] (k mod r = i), M^T         1        r
     full       dW [N, K] (init 0): the expensive baseline   none (R' = 0); y += x dW^T in the layer
+    ia3        l [N] (output) or l_in [K] (feedforward)     none; y <- y * l, or x <- x * l_in, per routed row
+    ln_tuning  w [d], b [d] on norm modules                 none; out <- n(x) * w_a + b_a per routed row
 
 PiSSA/MiLoRA in PEFT subtract s B0 A0 from the base weight. Here the base is shared and never
 changes, so the adapter carries the subtraction itself: s x (A^T B^T - A0^T B0^T), written as
@@ -36,10 +41,6 @@ into their kernel rows at once (no loop over adapters). Where a module's kernel 
 of the LoRA family (lora, rslora, lora_plus, dora share one ``pack``), the kernel reads the
 lora_A / lora_B buffers themselves, no copy; a module mixing methods gathers the packs' rows
 into slot order once per forward (memoised while generating).
-
-PEFT export: each record maps its tensors to PEFT's per-module key suffixes (``to_peft``) and
-back (``from_peft``) and says which PEFT config it is (``peft_config``); the directory layout,
-key prefix and files are ``peft_format``'s.
 """
 from __future__ import annotations
 
@@ -49,8 +50,9 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from lora_engine.engine.method_math import (column_norm_sq, dora_norm, dora_norms, kaiming_uniform,  # noqa: F401
-                                            vera_projections)
+from lora_engine.engine import adalora, extra_methods as em
+from lora_engine.engine.method_math import (column_norm_sq, dora_norm, dora_norms, dora_scale_rows,  # noqa: F401
+                                            kaiming_uniform, vera_projections)
 
 LORA_PLUS_RATIO = 16.0
 
@@ -60,9 +62,10 @@ LORA_PLUS_RATIO = 16.0
 #   cols    [N, r]       [N, sum r]    1              (LoRA's B: the kernel's B_all as it is)
 #   rank    [r]          [sum r]       0              (VeRA's d)
 #   out     [N]          [n, N]        0              (DoRA's m, VeRA's b)
+#   in      [K]          [n, K]        0              (IA3's input vector)
 #   dense   [N, K]       [n, N, K]     0              (full fine-tuning's dW)
-ROWS, COLS, RANK, OUT, DENSE = "rows", "cols", "rank", "out", "dense"
-LAYOUTS = {ROWS: 0, COLS: 1, RANK: 0, OUT: 0, DENSE: 0}  # layout -> adapter axis
+ROWS, COLS, RANK, OUT, IN, DENSE = "rows", "cols", "rank", "out", "in", "dense"
+LAYOUTS = {ROWS: 0, COLS: 1, RANK: 0, OUT: 0, IN: 0, DENSE: 0}  # layout -> adapter axis
 RANKED = (ROWS, COLS, RANK)  # an adapter spans r positions of the axis (else 1)
 
 
@@ -83,7 +86,7 @@ def storage_name(method: "Method", kind: str) -> str:
 
 def lora_plus_rate(kind: str, layout: str) -> bool:
     """B and every 1-D tensor (DoRA's m, VeRA's d and b) step at lr * lora_plus_ratio (PEFT's LoRA+)."""
-    return kind == "lora_B" or layout in (RANK, OUT)
+    return kind == "lora_B" or layout in (RANK, OUT, IN)
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,7 @@ class Method:
     """One PEFT method. Functions take the adapter's ``AdapterSpec`` and, per module, ``t``: its
     tensors by kind.
 
-    name: the ``AdapterSpec.method`` value.
-    kinds: per-module ``(kind, layout)`` pairs, in the order checkpoints and optimiser states list
+    name: the ``AdapterSpec.method`` value. kinds: per-module ``(kind, layout)`` pairs, in the order checkpoints and optimiser states list
         them; the layout (``LAYOUTS``) says how the adapters' tensors of that kind stack in the bank.
     frozen: kinds that are saved but never trained (stored apart: ``storage_name``).
     init(spec, module, K, N, weight, generator) -> {kind: tensor}: step-0 tensors (fp32).
@@ -101,20 +103,22 @@ class Method:
         ``kernel_kinds`` stacked in layout (R = sum of their ranks), ``group`` is a ``PackGroup``.
         Adapter j's kernel rows are its rows of part 0, then of part 1, ... (f = kernel_factor).
         None when the method is not in the LoRA kernel (``full``).
-    kernel_kinds: the kinds ``pack`` reads.
-    kernel_factor: R' = kernel_factor * r (2 for PiSSA/MiLoRA's frozen half, 0 for ``full``).
+    kernel_kinds: the kinds ``pack`` reads; kernel_factor: R' = kernel_factor * r (2: PiSSA's frozen half).
     delta(spec, module, t, weight, vera) -> fp32 [N, K]: W_eff - W, no grad.
     epilogue: None, ``"column_scale"`` (DoRA's m / ||W + sBA||_c) or ``"dense"`` (``full``'s x dW^T).
+    row_scales: ``(kind, where, shift kind)`` terms of ``ops.routed_scale``, where = ``"in"`` / ``"out"``
+        (a linear's input / output) or ``"norm"``; module_type: ``"linear"`` or ``"norm"``.
+    module_kinds(spec, module, info) -> its kind names there (None: all); default_targets: of
+        ``target_modules=None`` (None: the engine's).
     scaled: the update is scaled by alpha/r (or alpha/sqrt(r)); False: s = 1.
-    per_module_ranks: accepts rank_pattern/alpha_pattern.
-    needs_weight: init or forward reads the frozen base weight W.
-    rank_divisor: rank must be <= min(K, N) // rank_divisor.
-    shared_projection: VeRA's frozen projection pair shared across adapters and modules.
-    scaling: forces ``AdapterSpec.scaling`` (``rslora``), else None.
+    scale_rule(r, alpha) -> s, where the method has its own (AdaLoRA's alpha / (r + 1e-5)).
+    per_module_ranks: accepts rank_pattern/alpha_pattern; needs_weight: init or forward reads W;
+    rank_divisor: rank <= min(K, N) // rank_divisor; shared_projection: VeRA's frozen pair shared
+    across adapters and modules; scaling: forces ``AdapterSpec.scaling`` (``rslora``), else None;
     lora_plus_ratio: the default B learning-rate ratio.
-    peft_config(spec) -> dict | None: the method's own PEFT config fields (None: no PEFT form).
-    to_peft(t) -> {suffix: tensor}: PEFT key suffixes after ``<prefix><module>.``.
-    from_peft(found, module, r) -> found: rewrite PEFT-named tensors into our kinds (in place).
+    peft_config(spec, targets) -> its own PEFT config fields (None: no PEFT form); peft_fields: the
+        common fields its PEFT config class has; to_peft(t) -> {PEFT suffix after ``<module>.``:
+        tensor}; from_peft(found, module, r): PEFT-named tensors into our kinds, in place.
     """
 
     name: str
@@ -126,7 +130,12 @@ class Method:
     kernel_factor: int = 1
     frozen: tuple[str, ...] = ()
     epilogue: str | None = None
+    row_scales: tuple[tuple[str, str, str | None], ...] = ()
+    module_type: str = "linear"
+    module_kinds: Callable | None = None
+    default_targets: tuple[str, ...] | None = None
     scaled: bool = True
+    scale_rule: Callable | None = None
     per_module_ranks: bool = True
     needs_weight: bool = False
     rank_divisor: int = 1
@@ -134,6 +143,7 @@ class Method:
     scaling: str | None = None
     lora_plus_ratio: float = 1.0
     peft_config: Callable | None = None
+    peft_fields: tuple[str, ...] = ("layers_to_transform", "fan_in_fan_out", "bias")
     to_peft: Callable | None = None
     from_peft: Callable | None = None
 
@@ -146,6 +156,13 @@ class Method:
 
     def layout_of(self, kind: str) -> str:
         return dict(self.kinds)[kind]
+
+    def kinds_on(self, spec, module: str, info) -> tuple[tuple[str, str], ...]:
+        """The ``(kind, layout)`` pairs adapter ``spec`` has on ``module`` (IA3: its input or output vector)."""
+        if self.module_kinds is None:
+            return self.kinds
+        names = self.module_kinds(spec, module, info)
+        return tuple(kl for kl in self.kinds if kl[0] in names)
 
     def kernel_rank(self, spec, module: str) -> int:
         """Rows of this adapter in the module's packed ``A_all`` (0: not in the kernel)."""
@@ -174,7 +191,7 @@ def _lora_pack(t, group):
     return [t["lora_A"]], [t["lora_B"]]
 
 
-def _lora_peft_config(spec):
+def _lora_peft_config(spec, targets=None):
     return {"peft_type": "LORA", "r": spec.rank, "lora_alpha": spec.alpha, "use_dora": False,
             "rank_pattern": dict(spec.rank_pattern or {}), "alpha_pattern": dict(spec.alpha_pattern or {})}
 
@@ -222,7 +239,7 @@ def _svd_delta(spec, module, t, weight, vera=None):
     return _lora_delta(spec, module, t, weight) - s * (t["lora_B0"].float() @ t["lora_A0"].float())
 
 
-def _svd_peft_config(spec):
+def _svd_peft_config(spec, targets=None):
     # PEFT's own PiSSA-to-LoRA conversion: a plain LoRA of rank 2r ([A; A0], [B, -B0]) on the
     # *original* base, alpha doubled (x sqrt 2 with rsLoRA) so the scale is unchanged.
     grow = math.sqrt(2.0) if spec.scaling == "rslora" else 2.0
@@ -268,7 +285,7 @@ def _vera_delta(spec, module, t, weight, vera=None):
     return b.float() @ a.float()
 
 
-def _vera_peft_config(spec):
+def _vera_peft_config(spec, targets=None):
     return {"peft_type": "VERA", "r": spec.rank, "projection_prng_key": spec.projection_prng_key,
             "save_projection": True, "vera_dropout": 0.0, "d_initial": spec.d_initial, "init_weights": True}
 
@@ -304,7 +321,7 @@ _TABLE = (
     Method("lora_fa", frozen=("lora_A",), **_LORA),
     Method("dora", kinds=_AB + (("lora_magnitude_vector", OUT),), init=_dora_init, pack=_lora_pack, delta=_dora_delta,
            epilogue="column_scale", needs_weight=True,
-           peft_config=lambda spec: {**_lora_peft_config(spec), "use_dora": True},
+           peft_config=lambda spec, targets=None: {**_lora_peft_config(spec), "use_dora": True},
            to_peft=lambda t: {**_lora_to_peft(t), "lora_magnitude_vector": t["lora_magnitude_vector"]}),
     Method("pissa", init=_svd_init(bottom=False), **_SVD),
     Method("milora", init=_svd_init(bottom=True), **_SVD),
@@ -313,6 +330,22 @@ _TABLE = (
            shared_projection=True, peft_config=_vera_peft_config, to_peft=_vera_to_peft),
     Method("full", kinds=(("delta_weight", DENSE),), init=_full_init, delta=_full_delta, kernel_factor=0,
            epilogue="dense", scaled=False, per_module_ranks=False),
+    Method("adalora", kinds=(("adalora_A", ROWS), ("adalora_E", RANK), ("adalora_B", COLS)), init=adalora.init,
+           pack=adalora.pack, kernel_kinds=adalora.KINDS, delta=adalora.delta, scale_rule=adalora.scale,
+           per_module_ranks=False, peft_config=adalora.peft_config, to_peft=adalora.to_peft,
+           from_peft=adalora.from_peft),
+    Method("miss", kinds=(("miss_B", COLS),), init=em.miss_init, pack=em.miss_pack, kernel_kinds=("miss_B",),
+           delta=em.miss_delta, scaled=False, peft_config=em.miss_peft_config, peft_fields=("layers_to_transform",
+           "bias"), to_peft=lambda t: {"miss_block": t["miss_B"].T}, from_peft=em.miss_from_peft),
+    Method("ia3", kinds=(("ia3_l", OUT), ("ia3_l_in", IN)), init=em.ia3_init, delta=em.ia3_delta, kernel_factor=0,
+           row_scales=(("ia3_l_in", "in", None), ("ia3_l", "out", None)), module_kinds=em.ia3_kinds,
+           default_targets=em.IA3_TARGETS, scaled=False, per_module_ranks=False, peft_config=em.ia3_peft_config,
+           peft_fields=("fan_in_fan_out",), to_peft=em.ia3_to_peft, from_peft=em.ia3_from_peft),
+    Method("ln_tuning", kinds=(("ln_weight", OUT), ("ln_bias", OUT)), init=em.ln_init, delta=em.ln_delta,
+           kernel_factor=0, row_scales=(("ln_weight", "norm", "ln_bias"),), module_type="norm",
+           module_kinds=em.ln_kinds, default_targets=em.LN_TARGETS, scaled=False, per_module_ranks=False,
+           needs_weight=True, peft_config=em.ln_peft_config, peft_fields=(), to_peft=em.ln_to_peft,
+           from_peft=em.ln_from_peft),
 )
 TABLE: dict[str, Method] = {m.name: m for m in _TABLE}
 METHODS = tuple(TABLE)
@@ -340,7 +373,7 @@ def delta_weights(engine, i: int) -> dict[str, torch.Tensor]:
     """{module: W_eff - W} (fp32 [N, K], no grad) for every module adapter ``i`` of ``engine`` adapts.
 
     DoRA's is diag(m / ||W + sBA||_c) (W + sBA) - W; VeRA's diag(b) B_v diag(d) A_v; PiSSA's
-    s (B A - B0 A0); full fine-tuning's its dense dW.
+    s (B A - B0 A0); full's its dW; IA3's (diag(l) - I) W or W (diag(l_in) - I); LN tuning's w_a - w [d].
     """
     bank = engine.bank
     spec = engine.adapter_spec(i)
@@ -356,9 +389,8 @@ def param_groups(engine, i: int) -> list[dict]:
     [A-like at lr, B-like at lr * lora_plus_ratio].
 
     Frozen tensors (LoRA-FA's A, PiSSA's A0/B0) are left out. As PEFT's LoRA+ optimiser, B and
-    every 1-D tensor (DoRA's m, VeRA's d and b) take the LoRA+ rate (``lora_plus_rate``; the
-    bank's fused AdamW, ``engine.optimizer``, uses the same rule). Always two groups, in the
-    order plain-LoRA optimiser states were saved in.
+    every 1-D tensor take the LoRA+ rate (``lora_plus_rate``, as the fused ``BankAdamW``).
+    Always two groups, in the order plain-LoRA optimiser states were saved in.
     """
     spec = engine.adapter_spec(i)
     named = {n: p for n, p in engine.bank.named_parameters_of(i).items() if p.requires_grad}

@@ -18,7 +18,8 @@ from torch import nn
 from lora_engine import ops
 from lora_engine.engine.bank import AdapterBank
 from lora_engine.engine.spec import AdapterSpec, matches
-from lora_engine.engine.layers import MultiLoRALinear, RoutingState
+from lora_engine.engine.layers import MultiLoRALinear, MultiNorm, RoutingState
+from lora_engine.engine.methods import method_of
 
 # Never adapted: the output head (the fused log-prob kernel reads it frozen) and embeddings.
 EXCLUDED = ("lm_head",)
@@ -47,6 +48,7 @@ class MultiLoRAModel(nn.Module):
         self.bank.default_targets = "all-linear"
         self.state = RoutingState()
         self.target_modules = target_modules
+        self._norms_wrapped = False
         self._wrap(target_modules)
         self.add_adapters(adapters or [])
 
@@ -68,10 +70,29 @@ class MultiLoRAModel(nn.Module):
             self.bank.register_module_info(name, mod.in_features, mod.out_features, mod.weight.device,
                                            weight=mod.weight)
 
-    def detach(self) -> nn.Module:
-        """Put the original ``nn.Linear`` modules back and return the plain base model."""
+    def wrap_norms(self) -> None:
+        """Wrap every norm module (a 1-D ``weight``, a class named ``*Norm``) in a ``MultiNorm``: done
+        when the first LayerNorm-tuning adapter arrives, so other banks keep the model's norms as they are."""
+        if self._norms_wrapped:
+            return
+        self._norms_wrapped = True
         for name, mod in list(self.model.named_modules()):
-            if isinstance(mod, MultiLoRALinear):
+            w = getattr(mod, "weight", None)
+            if isinstance(mod, (MultiNorm, MultiLoRALinear, nn.Linear, nn.Embedding)) or not isinstance(w, nn.Parameter):
+                continue
+            if w.dim() != 1 or not type(mod).__name__.endswith("Norm"):
+                continue
+            wrapper = MultiNorm(mod, name, self.bank, self.state)
+            wrapper.check_affine()
+            parent_name, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, wrapper)
+            self.bank.register_module_info(name, w.numel(), w.numel(), w.device, weight=w, bias=wrapper.bias,
+                                           kind="norm")
+
+    def detach(self) -> nn.Module:
+        """Put the original ``nn.Linear`` (and norm) modules back and return the plain base model."""
+        for name, mod in list(self.model.named_modules()):
+            if isinstance(mod, (MultiLoRALinear, MultiNorm)):
                 parent_name, _, child = name.rpartition(".")
                 parent = self.model.get_submodule(parent_name) if parent_name else self.model
                 setattr(parent, child, mod.base)
@@ -83,6 +104,8 @@ class MultiLoRAModel(nn.Module):
         if not isinstance(spec, AdapterSpec):
             raise ValueError(f"expected an AdapterSpec, got {type(spec).__name__}: wrap it as "
                              "le.AdapterSpec(rank=...)")
+        if method_of(spec).module_type == "norm":
+            self.wrap_norms()
         return self.bank.add(spec)
 
     def add_adapters(self, specs) -> list[int]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lora_engine.engine.methods import LAYOUTS, RANKED, PackGroup, buffer_layout, method_of, storage_name
+from lora_engine.engine.methods import LAYOUTS, RANKED, TABLE, PackGroup, buffer_layout, method_of, storage_name
 from lora_engine.engine.spec import pattern_key
 from lora_engine.kernels.lora import LoRALayout
 
@@ -87,6 +87,16 @@ class DoraTerms:
 
 
 @dataclass(eq=False)
+class RowScale:
+    """One ``ops.routed_scale`` term of a module (IA3's vectors, LN tuning's weights)."""
+
+    where: str                         # "in" (the linear's input), "out" (its output), "norm"
+    buffer: str                        # the scale rows' buffer
+    shift: str | None                  # the shift rows' buffer (LN tuning's bias), or None
+    slot_row: torch.Tensor             # [num_slots] int64: row of each slot in the buffer, -1: none
+
+
+@dataclass(eq=False)
 class ModuleLayout:
     ids: tuple[int, ...]                          # adapters on this module (ascending)
     kernel: LoRALayout                            # ranks/scales of all slots (0 where absent)
@@ -97,20 +107,26 @@ class ModuleLayout:
     dora: DoraTerms | None
     full: torch.Tensor | None                     # [num_slots] int64: dW row of each full fine-tuning slot, -1 else
     full_ids: tuple[int, ...] = ()
+    row_scales: tuple[RowScale, ...] = ()
+
+    def row_scale(self, where: str) -> RowScale | None:
+        return next((t for t in self.row_scales if t.where == where), None)
 
 
 def _buffer_shape(layout: str, total: int, K: int, N: int) -> tuple:
-    return {"rows": (total, K), "cols": (N, total), "rank": (total,), "out": (total, N), "dense": (total, N, K)}[layout]
+    return {"rows": (total, K), "cols": (N, total), "rank": (total,), "out": (total, N), "in": (total, K),
+            "dense": (total, N, K)}[layout]
 
 
-def build_layout(name: str, K: int, N: int, device, specs: dict, num_slots: int, vera_of) -> ModuleLayout:
-    """The layout of module ``name`` for ``specs`` {id: AdapterSpec} (the adapters targeting it)."""
+def build_layout(name: str, K: int, N: int, device, specs: dict, num_slots: int, vera_of, info=None) -> ModuleLayout:
+    """The layout of module ``name`` for ``specs`` {id: AdapterSpec} (the adapters targeting it);
+    ``info``: the module's ``_ModuleInfo`` (which kinds a method has there)."""
     ids = tuple(sorted(specs))
     per_buffer: dict[str, tuple[str, list, list]] = {}
     for i in ids:
         method = method_of(specs[i])
         r = specs[i].rank_for(name)
-        for kind, layout in method.kinds:
+        for kind, layout in method.kinds_on(specs[i], name, info):
             buf = per_buffer.setdefault(storage_name(method, kind), (layout, [], []))
             buf[1].append(i)
             buf[2].append(r if layout in RANKED else 1)
@@ -128,7 +144,21 @@ def build_layout(name: str, K: int, N: int, device, specs: dict, num_slots: int,
         full = torch.full((num_slots,), -1, dtype=torch.int64)
         full[list(full_ids)] = torch.arange(len(full_ids))
         full = full.to(device)
-    return ModuleLayout(ids, LoRALayout(ranks, scales), slots, shapes, groups, perm, dora, full, full_ids)
+    return ModuleLayout(ids, LoRALayout(ranks, scales), slots, shapes, groups, perm, dora, full, full_ids,
+                        _row_scales(specs, ids, slots, num_slots, device))
+
+
+def _row_scales(specs, ids, slots, num_slots, device) -> tuple[RowScale, ...]:
+    """One ``RowScale`` per row-scale buffer present on the module (its rows in ``Slots`` order)."""
+    terms, seen = [], set()
+    for i in ids:
+        for kind, where, shift in method_of(specs[i]).row_scales:
+            if kind in slots and kind not in seen:
+                seen.add(kind)
+                row = torch.full((num_slots,), -1, dtype=torch.int64)
+                row[list(slots[kind].ids)] = torch.arange(len(slots[kind].ids))
+                terms.append(RowScale(where, kind, shift if shift in slots else None, row.to(device)))
+    return tuple(terms)
 
 
 def extend_layout(lay: ModuleLayout, num_slots: int) -> ModuleLayout:
@@ -144,7 +174,9 @@ def extend_layout(lay: ModuleLayout, num_slots: int) -> ModuleLayout:
     if full is not None:
         full = torch.cat([full, full.new_full((k,), -1)])
     kernel = LoRALayout(lay.kernel.ranks + (0,) * k, lay.kernel.scales + (0.0,) * k)
-    return ModuleLayout(lay.ids, kernel, lay.slots, lay.shapes, lay.groups, lay.perm, dora, full, lay.full_ids)
+    rows = tuple(RowScale(t.where, t.buffer, t.shift, torch.cat([t.slot_row, t.slot_row.new_full((k,), -1)]))
+                 for t in lay.row_scales)
+    return ModuleLayout(lay.ids, kernel, lay.slots, lay.shapes, lay.groups, lay.perm, dora, full, lay.full_ids, rows)
 
 
 def _kernel_groups(name, K, N, device, specs, ids, slots, vera_of):
@@ -210,15 +242,16 @@ def _dora_terms(name, device, specs, ids, slots, num_slots):
 def restack(store: nn.Module, old: ModuleLayout | None, new: ModuleLayout, pending: dict, state_names, dtype,
             device) -> None:
     """Lay ``store``'s buffers out for ``new``: each kept adapter's slice of the weights, gradient
-    and optimiser state (``state_names``) moves from its place under ``old``; a new adapter
+    and optimiser state (``state_names``, or a function of the buffer name giving them) moves from its place under ``old``; a new adapter
     (``pending`` {id: {kind: init tensor}}) starts from its init, zero gradient and zero state.
     One ``torch.cat`` per buffer; buffers no adapter uses any more are dropped."""
     for b in [b for b in store._parameters if b not in new.slots]:
         del store._parameters[b]
-        for s in state_names:
+        for s in (state_names(b) if callable(state_names) else state_names):
             store._buffers.pop(f"{b}__{s}", None)
     for b, slots in new.slots.items():
         kind, trainable = b.removesuffix("__frozen"), not b.endswith("__frozen")
+        names = state_names(b) if callable(state_names) else state_names
         old_p = store._parameters.get(b)
         old_slots = old.slots.get(b) if old is not None else None
 
@@ -258,9 +291,30 @@ def restack(store: nn.Module, old: ModuleLayout | None, new: ModuleLayout, pendi
                 param.grad = stack(old_p.grad, zeros)
             store.register_parameter(b, param)
             if trainable:
-                for s in state_names:
+                for s in names:
                     prev = store._buffers.get(f"{b}__{s}")
                     store.register_buffer(f"{b}__{s}", stack(prev, zeros), persistent=False)
+
+
+def pack_kernel_pair(params: dict, lay: ModuleLayout, K: int, N: int, device, dtype):
+    """(A_all [sum R', K], B_all [N, sum R']) of a module's buffers ``params`` in slot order: each
+    method group's ``pack`` over all its adapters at once, then one gather (``lay.perm``)."""
+    if not lay.groups:
+        return torch.zeros(0, K, device=device, dtype=dtype), torch.zeros(N, 0, device=device, dtype=dtype)
+    parts_a, parts_b = [], []
+    for g in lay.groups:  # one per method group (a handful), never per adapter
+        m = TABLE[g.method]
+        t = {}
+        for kind in m.kernel_kinds:
+            buf, sel = params[storage_name(m, kind)], g.select[kind]
+            t[kind] = buf if sel is None else buf.index_select(LAYOUTS[m.layout_of(kind)], sel)
+        pa, pb = m.pack(t, g.context)
+        parts_a += pa
+        parts_b += pb
+    if lay.perm is None:
+        return parts_a[0].to(dtype), parts_b[0].to(dtype)
+    return (torch.cat(parts_a, 0).index_select(0, lay.perm).to(dtype),
+            torch.cat(parts_b, 1).index_select(1, lay.perm).to(dtype))
 
 
 def check_new_adapter(spec, names: list[str], modules_info: dict) -> None:

@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lora_engine.atomic import write_atomic
+from lora_engine.engine import peft_types
 from lora_engine.engine.methods import method_of
 from lora_engine.engine.spec import TARGET_GROUPS, AdapterSpec
 
@@ -42,7 +43,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 SIDECAR_FILE = "lora_engine.json"
 # Per-module tensors of a PEFT LoRA / VeRA state dict, and the shared VeRA projections.
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|"
-                  r"lora_magnitude_vector|vera_lambda_d|vera_lambda_b)$")
+                  r"lora_magnitude_vector|vera_lambda_d|vera_lambda_b|" + peft_types.KEY_KINDS + r")$")
 _SHARED = ("base_model.vera_A", "base_model.vera_B")
 # PEFT inits that change the base weights (the adapter then expects that residual base).
 _SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal")
@@ -162,13 +163,14 @@ def read_config(directory) -> dict:
         raise ValueError(f"{directory} has no {CONFIG_FILE}: pass a PEFT adapter directory "
                          f"(adapter_config.json + {WEIGHTS_FILE})")
     cfg = json.loads(cfg_path.read_text())
-    if cfg.get("peft_type", "LORA") not in ("LORA", "VERA"):
+    kind = cfg.get("peft_type", "LORA")
+    if kind not in ("LORA", "VERA") + peft_types.TYPES:
         raise ValueError(f"{directory}: peft_type {cfg.get('peft_type')!r} is not supported: LoRA (incl. rsLoRA, "
-                         "DoRA) and VeRA adapters load")
+                         "DoRA), VeRA, AdaLoRA, MiSS, IA3 and LN tuning adapters load")
     for name, is_set, fix in _UNSUPPORTED:
         if is_set(cfg.get(name)):
             raise ValueError(f"{directory}: {name}={cfg.get(name)!r}: {fix}")
-    if not isinstance(cfg.get("r"), int) or cfg["r"] < 1:
+    if kind in ("LORA", "VERA", "MISS") and (not isinstance(cfg.get("r"), int) or cfg["r"] < 1):
         raise ValueError(f"{directory}: adapter_config.json needs an int r >= 1, got {cfg.get('r')!r}")
     if cfg.get("peft_type", "LORA") == "LORA" and cfg.get("lora_alpha") is None:
         raise ValueError(f"{directory}: adapter_config.json needs lora_alpha")
@@ -188,7 +190,8 @@ def _modules_of(tensors: dict[str, torch.Tensor], directory) -> list[str]:
                              "not supported")
         found.setdefault(m["module"], set()).add(m["kind"].split(".")[0])
     for mod, kinds in found.items():
-        if not ({"lora_A", "lora_B"} <= kinds or {"vera_lambda_d", "vera_lambda_b"} <= kinds):
+        if not any(need <= kinds for need in ({"lora_A", "lora_B"}, {"vera_lambda_d", "vera_lambda_b"})
+                   + peft_types.COMPLETE):
             raise ValueError(f"{directory}: module {mod} has only {sorted(kinds)}; the file is incomplete")
     return sorted(found)
 
@@ -200,6 +203,8 @@ def _spec_for_peft(cfg: dict, modules: list[str]) -> AdapterSpec:
     nothing and applies ``layers_to_transform`` before saving.
     """
     targets = tuple(modules)
+    if cfg.get("peft_type") in peft_types.TYPES:
+        return peft_types.spec_for(cfg, modules, "PEFT config")
     if cfg.get("peft_type") == "VERA":
         return AdapterSpec(rank=int(cfg["r"]), method="vera", target_modules=targets,
                            projection_prng_key=int(cfg.get("projection_prng_key", 0)),
@@ -233,6 +238,8 @@ def load_adapter(engine, directory) -> int:
         modules = sorted({k[len(PREFIX):].rsplit(".", 1)[0] for k in tensors if k.startswith(PREFIX)})
     else:
         modules = _modules_of(tensors, directory)
+    if (spec is not None and method_of(spec).module_type == "norm") or (cfg or {}).get("peft_type") == "LN_TUNING":
+        engine.wrap_norms()
     wrapped = engine.bank.modules_info
     unknown = [m for m in modules if m not in wrapped]
     if unknown:
@@ -306,9 +313,13 @@ def peft_config_for(spec, module_names=None) -> dict:
     if method.peft_config is None:
         raise _no_peft_form(spec)
     targets, layers = _peft_targets(spec, module_names)
-    common = {"task_type": "CAUSAL_LM", "target_modules": targets, "layers_to_transform": layers,
-              "fan_in_fan_out": False, "bias": "none", "inference_mode": False}
-    own = method.peft_config(spec)
+    if layers is not None and "layers_to_transform" not in method.peft_fields:
+        raise ValueError(f"PEFT's {spec.method} config has no layers_to_transform: pass "
+                         "module_names=engine.bank.modules_of(i) to export the exact modules")
+    common = {"task_type": "CAUSAL_LM", "target_modules": targets, "inference_mode": False,
+              **{k: v for k, v in (("layers_to_transform", layers), ("fan_in_fan_out", False), ("bias", "none"))
+                 if k in method.peft_fields}}
+    own = method.peft_config(spec, targets)
     if own["peft_type"] == "LORA":
         own = {**own, "use_rslora": spec.scaling == "rslora", "lora_dropout": 0.0, "init_lora_weights": True}
     return {**own, **common}

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from lora_engine.checks import check_types
+from lora_engine.engine.adalora import AdaLoraSchedule
 from lora_engine.engine.methods import METHODS, TABLE
 
 SCALINGS = ("lora", "rslora")
@@ -37,12 +38,17 @@ class AdapterSpec:
         lr, weight_decay, lora_plus_ratio: this adapter's optimiser settings (B's lr = lr * ratio;
             ratio defaults to 16 for ``method="lora_plus"``, 1 otherwise).
         method: one of ``methods.METHODS``: lora, rslora, lora_plus, lora_fa, dora, pissa,
-            milora, vera, full (one record each in ``lora_engine.engine.methods.TABLE``).
+            milora, vera, full, adalora, miss, ia3, ln_tuning (one record each in
+            ``lora_engine.engine.methods.TABLE``). ``rank`` is ignored by ia3 and ln_tuning.
         name: optional label for logs and checkpoints.
         rank_pattern, alpha_pattern: PEFT's per-module overrides, ``{key: rank}`` / ``{key: alpha}``;
             key k applies to modules whose name matches ``(.*\\.)?(k)$`` (first match wins).
         layers: only modules of these layer indices (PEFT's ``layers_to_transform``).
         projection_prng_key, d_initial: VeRA's shared-projection seed and the init of d (PEFT's names).
+        feedforward_modules: IA3's modules whose input (not output) is scaled, as PEFT's
+            (name suffixes or a regex; None: ``down_proj``).
+        adalora: AdaLoRA's budget schedule (an ``AdaLoraSchedule`` or a table of its fields;
+            None: its defaults); only with ``method="adalora"``.
     """
 
     rank: int
@@ -61,10 +67,22 @@ class AdapterSpec:
     layers: tuple[int, ...] | None = None
     projection_prng_key: int = 0
     d_initial: float = 0.1
+    feedforward_modules: str | tuple[str, ...] | None = None
+    adalora: AdaLoraSchedule | None = None
 
     def __post_init__(self):
         if isinstance(self.layers, int) and not isinstance(self.layers, bool):
             object.__setattr__(self, "layers", (self.layers,))
+        if isinstance(self.feedforward_modules, list):
+            object.__setattr__(self, "feedforward_modules", tuple(self.feedforward_modules))
+        if isinstance(self.adalora, dict):
+            known = {f.name for f in fields(AdaLoraSchedule)}
+            bad = sorted(set(self.adalora) - known)
+            if bad:
+                raise ValueError(f"AdapterSpec.adalora: unknown field(s) {bad}; known: {sorted(known)}")
+            object.__setattr__(self, "adalora", AdaLoraSchedule(**self.adalora))
+        if self.adalora is None and self.method == "adalora":
+            object.__setattr__(self, "adalora", AdaLoraSchedule())
         check_types(self)
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"AdapterSpec.rank must be an int >= 1, got {self.rank!r}: use rank=1 or more")
@@ -96,6 +114,11 @@ class AdapterSpec:
             object.__setattr__(self, "layers", layers)
         if not self.d_initial > 0 or not isinstance(self.projection_prng_key, int):
             raise ValueError("AdapterSpec: d_initial must be > 0 and projection_prng_key an int")
+        if self.adalora is not None and self.method != "adalora":
+            raise ValueError(f"AdapterSpec.adalora is AdaLoRA's schedule; method is {self.method!r}: drop it "
+                             "or set method='adalora'")
+        if self.feedforward_modules is not None and self.method != "ia3":
+            raise ValueError(f"AdapterSpec.feedforward_modules is IA3's; method is {self.method!r}: drop it")
 
     def _check_patterns(self):
         for attr, kind in (("rank_pattern", int), ("alpha_pattern", float)):
@@ -133,16 +156,22 @@ class AdapterSpec:
 
     def scale_for(self, module: str) -> float:
         """s on ``module``: alpha/r or alpha/sqrt(r) with that module's rank and alpha; 1 for VeRA/full."""
-        if not TABLE[self.method].scaled:
+        method = TABLE[self.method]
+        if not method.scaled:
             return 1.0
         r, a = self.rank_for(module), self.alpha_for(module)
+        if method.scale_rule is not None:
+            return method.scale_rule(r, a)
         return a / (math.sqrt(r) if self.scaling == "rslora" else r)
 
     @property
     def scale(self) -> float:
         """s of the modules without a pattern override."""
-        if not TABLE[self.method].scaled:
+        method = TABLE[self.method]
+        if not method.scaled:
             return 1.0
+        if method.scale_rule is not None:
+            return method.scale_rule(self.rank, self.alpha)
         return self.alpha / (math.sqrt(self.rank) if self.scaling == "rslora" else self.rank)
 
     def to_dict(self) -> dict:

@@ -36,6 +36,7 @@ from lora_engine.rl import checkpoints
 from lora_engine.rl.config import TrainConfig, save_config, upgrade_saved_config
 from lora_engine.rl.models import load_base
 from lora_engine.engine.model import MultiLoRAModel
+from lora_engine.engine.adalora import RankAllocator
 from lora_engine.engine.peft_format import load_adapter_weights, save_adapter
 from lora_engine.rl.metrics import print_summary
 from lora_engine.rl.ppo_step import PPOStep
@@ -56,6 +57,7 @@ class GRPOTrainer:
         self.task = task if task is not None else load_task(cfg.task, seed=cfg.data_seed)
         self.token_rewards = TokenRewards(cfg, tokenizer, next(model.parameters()).device)
         self.optimizers = {a: self._make_optimizer(a) for a in self.ids}
+        self.ranks = RankAllocator(self.engine.bank, cfg.steps)  # AdaLoRA's budget (a no-op without)
         # algorithm = "ppo": a critic per policy joins the bank after the policies (ids stay 0..n-1)
         self.ppo = PPOStep(self) if cfg.algorithm == "ppo" else None
         self.step_idx = 0
@@ -220,7 +222,9 @@ class GRPOTrainer:
         optimiser state untouched. Returns {adapter: gradient norm} (nan where skipped)."""
         opt = BankAdamW.of(self.engine.bank)
         bad = ~torch.isfinite(losses.detach()).cpu()
+        self.ranks.backward_penalty()  # AdaLoRA's orthogonality term, each adapter's on its own tensors
         norms = opt.step(self.ids, self.cfg.max_grad_norm, skip=bad)
+        self.ranks.update(self.step_idx)  # the step fit() is running (PEFT's global_step)
         opt.zero_grad()
         norms[bad] = float("nan")
         return dict(zip(self.ids, norms[self.ids].tolist()))

@@ -59,7 +59,7 @@ __all__ = [
 
 CONFIG_COLUMNS = (
     "rank", "batch_size", "lr", "method", "alpha", "reward_regime", "prompts_per_step", "samples_per_prompt",
-    "steps",
+    "steps", "loss_type",
 )
 
 # --- reading -----------------------------------------------------------------------------------
@@ -379,6 +379,7 @@ def seed_runs_for_budget(rows: Sequence[dict], budget_bytes: float, bytes_per_pa
             continue
         size, row = max(sizes, key=lambda t: t[0])
         out.append(dict(method=method, rank=rank, trainable_params=row["trainable_params"],
+                        base_params=row.get("base_params", math.nan),
                         optimizer_bytes=row["optimizer_bytes"], footprint_bytes=size,
                         seed_runs=int(budget_bytes // size)))
     if not out:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-GRID_KEYS = ("rank", "prompts_per_step", "seed", "lr", "method", "alpha", "reward_regime")
+GRID_KEYS = ("rank", "prompts_per_step", "seed", "lr", "method", "alpha", "reward_regime", "loss_type")
 
 
 @dataclass(frozen=True)
@@ -23,11 +23,14 @@ class Run:
     method: str
     alpha: float
     reward_regime: str = "outcome"
+    loss_type: str = ""  # "": [fixed]'s; a grid of loss types never shares a group (one trainer each)
 
     @property
     def run_id(self) -> str:
         regime = "" if self.reward_regime == "outcome" else f"_{self.reward_regime}"  # older ids unchanged
-        return f"r{self.rank}_p{self.prompts_per_step}_lr{self.lr:g}_{self.method}_a{self.alpha:g}{regime}_s{self.seed}"
+        loss = f"_{self.loss_type}" if self.loss_type else ""
+        return (f"r{self.rank}_p{self.prompts_per_step}_lr{self.lr:g}_{self.method}_a{self.alpha:g}{regime}{loss}"
+                f"_s{self.seed}")
 
 
 def expand_grids(grids: list[dict], fixed: dict) -> list[Run]:
@@ -43,13 +46,13 @@ def expand_grids(grids: list[dict], fixed: dict) -> list[Run]:
                 raise ValueError(f"grid.{k} must be a non-empty list, got {v!r}")
     defaults = {"prompts_per_step": [fixed.pop("prompts_per_step", 8)], "seed": [0],
                 "lr": [fixed.pop("lr", 1e-5)], "method": ["lora"], "alpha": [fixed.pop("alpha", 32.0)],
-                "reward_regime": [fixed.pop("reward_regime", "outcome")]}
+                "reward_regime": [fixed.pop("reward_regime", "outcome")], "loss_type": [""]}
     runs: list[Run] = []
     for grid in grids:
         axes = [grid.get(k, defaults.get(k)) for k in GRID_KEYS]
         seen = set(runs)
         runs += [run for run in (Run(rank=int(r), prompts_per_step=int(p), seed=int(s), lr=float(lr), method=str(m),
-                                     alpha=float(a), reward_regime=str(g))
-                                 for r, p, s, lr, m, a, g in itertools.product(*axes))
+                                     alpha=float(a), reward_regime=str(g), loss_type=str(lt))
+                                 for r, p, s, lr, m, a, g, lt in itertools.product(*axes))
                  if run not in seen]
     return runs

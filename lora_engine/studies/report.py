@@ -128,11 +128,18 @@ def _budget_section(rows) -> str:
     except ValueError:
         return "The results have no trainable_params/optimizer_bytes columns, so no footprint is known."
     body = [[cell_text(b["method"] or None), cell_text(b["rank"]), _count(b["trainable_params"]),
-             _bytes(b["optimizer_bytes"]), _bytes(b["footprint_bytes"]), str(b["seed_runs"])] for b in budget]
+             _share(b["trainable_params"], b["base_params"]), _bytes(b["optimizer_bytes"]),
+             _bytes(b["footprint_bytes"]), str(b["seed_runs"])] for b in budget]
     return ("Footprint = trainable params x 4 B (fp32 weights) + optimizer state; activations and the shared "
-            "base are left out. Seed-runs = floor(1 GiB / footprint): how many adapters of that rank "
+            "base are left out. Trainable share = trainable params / the base model's parameters. "
+            "Seed-runs = floor(1 GiB / footprint): how many adapters of that rank "
             "1 GiB of memory trains side by side.\n\n"
-            + _table(["method", "rank", "trainable params", "optimizer", "footprint", "seed-runs per GiB"], body))
+            + _table(["method", "rank", "trainable params", "trainable share", "optimizer", "footprint",
+                      "seed-runs per GiB"], body))
+
+
+def _share(params, base) -> str:
+    return f"{100 * params / base:.4g}%" if finite(params) and finite(base) and base > 0 else "n/a"
 
 
 def _headline(summaries, shown) -> list[str]:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 # column -> type (str, int or float), in the order results.csv holds them.
 COLUMNS: dict[str, type] = {
-    "run_id": str, "group": str, "rank": int, "alpha": float, "method": str, "reward_regime": str, "lr": float,
+    "run_id": str, "group": str, "rank": int, "alpha": float, "method": str, "reward_regime": str, "loss_type": str, "lr": float,
     "seed": int,
     "prompts_per_step": int, "samples_per_prompt": int, "batch_size": int, "steps": int,
     "base_score": float, "final_score": float, "gain": float, "tokens": int, "trainable_params": int,
-    "optimizer_bytes": int, "checkpoint_bytes": int, "entropy_initial": float, "entropy_final": float,
+    "base_params": int, "optimizer_bytes": int, "checkpoint_bytes": int, "entropy_initial": float, "entropy_final": float,
     "pass_at_k_base": float, "pass_at_k_final": float, "k": int, "wall_s": float, "status": str,
     "error": str,
 }

@@ -238,8 +238,9 @@ def run_spectrum(run_dir, model: str | None = None, top_k: int = 16, out_dir=Non
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bank = engine.bank
-    updates = {(i, labels[i], engine.adapter_spec(i).method): methods.delta_weights(engine, i)
-               for i in engine.adapter_ids}
+    # Matrices only: LN tuning's update is a vector per norm (no spectrum; its row says 0 modules).
+    updates = {(i, labels[i], engine.adapter_spec(i).method): {n: d for n, d in methods.delta_weights(engine, i).items()
+                                                               if d.dim() == 2} for i in engine.adapter_ids}
     weights = {n: bank.modules_info[n].weight for d in updates.values() for n in d}
     rows, curves = analyze(weights, updates, top_k)
     csv_path = out_dir / "spectrum.csv"

@@ -12,7 +12,7 @@ table of lists, and optional ``[packing]`` limits:
     prompts_per_step = [4, 8]        # batch size = prompts_per_step x samples_per_prompt
     seed = [0, 1, 2]                 # each run's adapter seed: its init and its sampling
     lr = [2e-3]
-    method = ["lora"]
+    method = ["lora"]                # also loss_type = ["grpo", "dapo"]: one trainer (group) per loss type
     [packing]
     max_adapters_per_group = 8
     max_rows_per_step = 512          # sequences generated per step by one group
@@ -178,9 +178,11 @@ def _adapter(run: Run) -> dict:
 
 
 def _fixed_for(runs: list[Run]) -> dict:
-    """The per-adapter config lists of a group (or one run): batch size and reward regime."""
+    """The per-adapter config lists of a group (or one run): batch size and reward regime; and a
+    gridded loss type (one per group, ``pack``), which overrides [fixed]'s."""
     return {"prompts_per_step": [r.prompts_per_step for r in runs],
-            "reward_regime": [r.reward_regime for r in runs]}
+            "reward_regime": [r.reward_regime for r in runs],
+            **({"loss_type": runs[0].loss_type} if runs[0].loss_type else {})}
 
 
 def adapter_state_bytes(rank: int, module_dims: list[tuple[int, int]]) -> int:
@@ -208,7 +210,7 @@ def pack(spec: SweepSpec, module_dims: list[tuple[int, int]] | None = None) -> l
                              f"{spec.max_rows_per_step}: raise the limit or lower prompts_per_step")
         for g, (n_rows, n_mem) in enumerate(loads):
             if (len(groups[g]) < spec.max_adapters_per_group and n_rows + rows <= spec.max_rows_per_step
-                    and n_mem + mem <= spec.memory_budget_mb):
+                    and n_mem + mem <= spec.memory_budget_mb and groups[g][0].loss_type == run.loss_type):
                 groups[g].append(run)
                 loads[g] = (n_rows + rows, n_mem + mem)
                 break
@@ -306,6 +308,7 @@ def _run_columns(run: Run, g: int, cfg: TrainConfig) -> dict:
     """The configuration columns of a run's row (results.COLUMNS), finished or failed."""
     return {"run_id": run.run_id, "group": g, "rank": run.rank, "alpha": run.alpha, "method": run.method,
             "lr": run.lr, "seed": run.seed, "prompts_per_step": run.prompts_per_step, "reward_regime": run.reward_regime,
+            "loss_type": cfg.loss_type,
             "samples_per_prompt": cfg.samples_per_prompt,
             "batch_size": results.batch_size(run.prompts_per_step, cfg.samples_per_prompt), "steps": cfg.steps}
 
@@ -323,6 +326,7 @@ def _record_group(out_dir: Path, g: int, spec: SweepSpec, cfg: TrainConfig, trai
             **_run_columns(run, g, cfg),
             "base_score": summary["base"], "final_score": fin["pass@1"], "gain": fin["pass@1"] - summary["base"],
             "tokens": summary["tokens"][str(a)], "trainable_params": n_params,
+            "base_params": sum(p.numel() for p in trainer.engine.model.parameters() if not p.requires_grad),
             "optimizer_bytes": 8 * n_params,  # two fp32 AdamW moments
             "checkpoint_bytes": _dir_bytes(checkpoints.adapter_dir(ckpt, a)),
             "entropy_initial": ini["entropy"], "entropy_final": fin["entropy"],
