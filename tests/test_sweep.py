@@ -224,13 +224,14 @@ def test_a_grid_of_loss_types_never_shares_a_group_and_the_study_b_spec_packs():
     from lora_engine.studies import sweep
 
     spec = sweep.load_spec(Path(__file__).parent.parent / "examples" / "studies" / "peft_methods_tiny.toml")
-    assert len(spec.runs) == 36 and len(spec.groups) == 3
+    assert len(spec.runs) == 39 and len(spec.groups) == 3
     for g, runs in enumerate(spec.groups):
         assert len({r.loss_type for r in runs}) == 1 and len({r.method for r in runs}) == 12
+        assert sorted(r.rank for r in runs if r.method == "lora") == [1, 8], "study B's rank-1 LoRA row"
         cfg = sweep.group_config(spec, g, Path("/tmp/unused"))
         assert cfg.loss_type == runs[0].loss_type
     assert {r.loss_type for r in spec.runs} == {"grpo", "dapo", "dr_grpo"}
-    assert len({r.run_id for r in spec.runs}) == 36, "the loss type is in the run id"
+    assert len({r.run_id for r in spec.runs}) == 39, "the loss type is in the run id"
     plain = sweep.spec_from_dict({"fixed": {"model": "tiny", "loss_type": "grpo"}, "grid": {"rank": [1]}})
     assert plain.runs[0].loss_type == "" and "grpo" not in plain.runs[0].run_id, "ungridded: [fixed]'s, ids unchanged"
     assert sweep.group_config(plain, 0, Path("/tmp/unused")).loss_type == "grpo"
