@@ -29,3 +29,35 @@ def avg_at_k(scores: Sequence[float], k: int | None = None) -> float:
     if not 1 <= k <= len(scores):
         raise ValueError(f"avg_at_k needs 1 <= k <= len(scores)={len(scores)}, got k={k}")
     return float(sum(float(s) for s in scores[:k]) / k)
+
+
+def format_ok(completions: Sequence[str]):
+    """[N] float tensor: 1 where a completion holds exactly one non-empty ``\\boxed{}`` (the
+    boxed-format term's success: the "format rate" when averaged)."""
+    import torch
+
+    from lora_engine.rl.answers import count_boxes
+
+    return torch.tensor([float(count_boxes(c) == 1) for c in completions])
+
+
+class RewardLog:
+    """One step's reward parts, format successes and verifier counts, read back per adapter."""
+
+    def __init__(self, parts: dict, completions: Sequence[str], stats: dict):
+        import torch
+
+        self.parts = {k: torch.tensor(v, dtype=torch.float32) for k, v in parts.items()}
+        self.total = sum(self.parts.values())
+        self.format = format_ok(completions)
+        self.stats = stats
+
+    def row(self, adapter: int, rows) -> dict:
+        """Log fields of ``adapter`` (its sample indices ``rows``): ``reward_<part>`` means that sum to
+        reward_mean, ``format_rate``, and ``verify_timeouts/errors/skipped`` (a timeout is a hostile
+        or runaway completion, scored 0)."""
+        out = {f"reward_{k}": float(v[rows].mean()) for k, v in self.parts.items()}
+        out["format_rate"] = float(self.format[rows].mean())
+        counts = self.stats[adapter].as_dict() if adapter in self.stats else {}
+        out.update({f"verify_{k}": counts.get(k, 0) for k in ("timeouts", "errors", "skipped")})
+        return out
