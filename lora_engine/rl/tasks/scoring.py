@@ -5,15 +5,21 @@ The answer is read with an ordered list of extractors (``answers.make_extractor`
 ``<answer>`` tags by default; ``last_number`` only if asked). With ``math_verify`` only the
 extracted answer is checked, in the sandboxed ``verifier`` pool with a deadline per check; a
 completion that hangs the checker (``\\boxed{9^{9^{9^{9}}}}``) scores 0 and is counted as a
-timeout. A gold that math-verify cannot read as mathematics (a word, a list of names from a
-reasoning-gym puzzle) is compared as a string instead and counted as ``skipped``, so the
-default works for non-math datasets too; open-r1 skips such samples instead (reward None).
+timeout.
+
+Golds that are words are compared as strings, not by math-verify, and counted as ``skipped``:
+math-verify reads a word as a product of one-letter symbols, so it scores "silent" equal to
+"listen" (measured, math-verify 0.9), which would reward wrong answers on reasoning-gym's word
+tasks. A gold is a word when it has no digit and, LaTeX commands (``\\frac``, ``\\text``...)
+aside, two letters in a row. A gold math-verify cannot parse at all is compared as a string
+too (open-r1 skips such samples instead: reward None).
 
 ``reasoning_gym`` uses the dataset's ``score_answer``, which is not binary (for gold -4, "-4.0"
 scores 0.5 in basic_arithmetic): use it when you want its partial credit.
 """
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 from lora_engine.rl import rewards
@@ -50,11 +56,24 @@ class AnswerScorer:
             return [float(r) for r in out]
         if self.kind == "exact":
             return [float(_exact(self.extract(c), g)) for c, g in zip(completions, golds)]
-        out = rewards.math_verify_reward(prompts, completions, golds, extract=self.extract, timeout=self.timeout,
-                                         stats=stats)
-        # None: math-verify found no mathematics in the gold (counted as skipped): compare strings.
+        words = [is_word(g) for g in golds]
+        # A word gold goes to the checker as "" (skipped there, never parsed), then by string.
+        out = rewards.math_verify_reward(prompts, completions, ["" if w else g for g, w in zip(golds, words)],
+                                         extract=self.extract, timeout=self.timeout, stats=stats)
+        # None: a word, or no mathematics in the gold (counted as skipped): compare strings.
         return [float(_exact(self.extract(c), g)) if r is None else float(r)
                 for r, c, g in zip(out, completions, golds)]
+
+
+_LATEX_COMMAND_RE = re.compile(r"\\[A-Za-z]+")
+_WORD_RE = re.compile(r"[A-Za-z]{2}")
+
+
+def is_word(gold: str) -> bool:
+    """Whether a gold answer is text rather than mathematics: no digit, and two letters in a row
+    outside LaTeX commands. ``"Paris"`` and ``"listen"`` are; ``"x^2 + 1"``, ``"\\frac{\\pi}{2}"``
+    and ``"5\\text{ cm}"`` (a number with its unit, which math-verify normalises) are not."""
+    return not any(ch.isdigit() for ch in gold) and bool(_WORD_RE.search(_LATEX_COMMAND_RE.sub(" ", gold)))
 
 
 def _exact(pred: str | None, gold: str) -> bool:
