@@ -16,7 +16,8 @@ from models import randomize_b, tiny_model
 @pytest.mark.parametrize("probs, u, want", [
     pytest.param([0.0, 0.5, 0.0, 0.5], 0.0, 1, id="u0-leading-zero"),
     pytest.param([0.0, 0.0, 0.0, 1.0], 0.0, 3, id="u0-all-but-last-zero"),
-    pytest.param([0.25, 0.25, 0.0, 0.5], 0.5, 3, id="on-a-flat-stretch"),
+    pytest.param([0.25, 0.25, 0.0, 0.5], 0.5, 1, id="tie-keeps-the-left-nonzero-entry"),
+    pytest.param([0.0, 0.0, 0.25, 0.75], 0.0, 2, id="u0-two-leading-zeros"),
     pytest.param([0.5, 0.5, 0.0, 0.0], 1.0, 1, id="u1-rounds-to-the-total"),
     pytest.param([0.5, 0.5, 0.0, 0.0], 0.9999999, 1, id="just-below-1"),
 ])

@@ -53,18 +53,24 @@ def left_pad(token_lists: list[list[int]], pad_id: int, device, width: int | Non
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Index j per row with cdf[j - 1] <= u * total < cdf[j]: never a zero-probability entry.
+    """Index j per row with cdf[j] >= u * total, never a zero-probability entry.
 
-    ``right=True`` matters: with the default, u = 0 returns index 0 even when p_0 = 0 (the first
-    entry whose cdf is >= 0), and any u landing exactly on a flat stretch of the cdf returns its
-    zero-probability left end. Rounding can put u * total at the total itself; such a row gets
-    its last nonzero entry.
+    The first j with cdf[j] >= x (``searchsorted`` at its default, left) is a zero-probability
+    entry when x lands on the flat start of the cdf (u = 0 with p_0 = 0): such a row takes the
+    first entry whose cdf exceeds x instead (``right=True``), which has p > 0. Every other row
+    keeps the left answer, so samples are unchanged wherever they were valid. Rounding can put
+    x at the total itself; such a row gets its last nonzero entry.
     """
     cdf = probs.cumsum(-1)
-    j = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
-    idx = torch.arange(probs.shape[-1], device=probs.device)
-    last_nonzero = torch.where(probs > 0, idx, torch.zeros_like(idx)).amax(-1)
-    return torch.minimum(j, last_nonzero)
+    x = (u * cdf[:, -1]).unsqueeze(-1)
+    j = torch.searchsorted(cdf, x).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+    zero = probs.gather(-1, j.unsqueeze(-1)).squeeze(-1) <= 0
+    if bool(zero.any()):
+        j = torch.where(zero, torch.searchsorted(cdf, x, right=True).squeeze(-1), j)
+        idx = torch.arange(probs.shape[-1], device=probs.device)
+        last_nonzero = torch.where(probs > 0, idx, torch.zeros_like(idx)).amax(-1)
+        j = torch.minimum(j, last_nonzero)
+    return j
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor) -> torch.Tensor:
@@ -163,9 +169,11 @@ def _decode(engine, prompt_ids, adapter_ids, u, width, stops, pad_id, max_new_to
     steps = max_new_tokens
     with engine.use_adapters(torch.tensor(adapter_ids, dtype=torch.long)):
         for t in range(max_new_tokens):
+            # [B, 1, d] -> [B, 1, V], the slice and shapes of the model's own logits_to_keep=1.
             h = decoder(input_ids=cur_ids, attention_mask=full_mask, position_ids=cur_pos, use_cache=True,
-                        **{cache_arg: cache}).last_hidden_state[:, -1]
-            logits = head(h).float()
+                        **{cache_arg: cache}).last_hidden_state[:, -1:]
+            logits = head(h)[:, -1].float()
+            h = h[:, -1]
             tok = logits.argmax(-1) if greedy else _sample(logits, temperature, top_p, u[:, t].to(device))
             logp = ops.token_logprobs(h, head.weight, tok, temperature=1.0 if greedy else temperature)
             live = ~done
