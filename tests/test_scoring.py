@@ -53,11 +53,15 @@ def test_math_verify_scoring_table():
 def test_hostile_completions_time_out_to_zero_and_are_counted(completion):
     scorer = AnswerScorer("math_verify", timeout=1.0)
     scorer([{"prompt": "", "answer": "1"}], [r"\boxed{1}"])  # workers up outside the deadline
-    per_sample = [RewardStats(), RewardStats()]
-    got = scorer([{"prompt": "", "answer": "5"}] * 2, [completion, r"\boxed{5}"], stats=per_sample)
-    assert got == [0.0, 1.0]
-    assert per_sample[0].timeouts == 1 and per_sample[1].as_dict() == {"samples": 1, "skipped": 0, "errors": 0,
-                                                                      "timeouts": 0}
+    hostile = RewardStats()
+    assert scorer([{"prompt": "", "answer": "5"}], [completion], stats=[hostile]) == [0.0]
+    assert hostile.timeouts == 1 and hostile.errors == 1
+    # the killed worker was replaced; a benign check (its own, generous deadline: a busy
+    # machine can take over a second for sympy) still passes and counts nothing
+    fine = RewardStats()
+    assert AnswerScorer("math_verify", timeout=60.0)([{"prompt": "", "answer": "5"}], [r"\boxed{5}"],
+                                                     stats=[fine]) == [1.0]
+    assert fine.as_dict() == {"samples": 1, "skipped": 0, "errors": 0, "timeouts": 0}
 
 
 def test_last_number_is_an_opt_in_fallback():

@@ -133,7 +133,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if any(n < 1 for n in self.prompts_per_adapter):
             raise ValueError(f"prompts_per_step must be >= 1, got {self.prompts_per_step}")
-        for name in ("micro_batch_size", "rollout_batch_size", "few_shot", "length_buffer", "eval_problems", "eval_every", "eval_samples", "checkpoint_every"):
+        for name in ("micro_batch_size", "rollout_batch_size", "few_shot", "length_buffer", "eval_problems",
+                     "eval_every", "eval_samples", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)}"
                                  + (" (0 = the whole batch at once)" if name.endswith("batch_size") else ""))
@@ -148,7 +149,8 @@ class TrainConfig:
         if self.verify_timeout <= 0:
             raise ValueError(f"verify_timeout must be > 0 seconds, got {self.verify_timeout}")
         if self.length_buffer > self.max_new_tokens:
-            raise ValueError(f"length_buffer must be <= max_new_tokens ({self.max_new_tokens}), got {self.length_buffer}")
+            raise ValueError(f"length_buffer must be <= max_new_tokens ({self.max_new_tokens}), "
+                             f"got {self.length_buffer}")
         if self.samples_per_prompt < 2:
             raise ValueError("samples_per_prompt must be >= 2: group-normalised advantages need a group")
         if not 0 < self.top_p <= 1:

@@ -51,7 +51,7 @@ class PromptFormat:
         has = bool(getattr(tokenizer, "chat_template", None))
         if self.chat_template is True and not has:
             raise ValueError("chat_template = true but the tokenizer has no chat template: set chat_template = "
-                             "false (plain text) or use a tokenizer that ships one (tokenizer_config.json / chat_template.jinja)")
+                             "false (plain text) or use a tokenizer that ships one (chat_template.jinja)")
         return has if self.chat_template == "auto" else bool(self.chat_template)
 
     def messages(self, text: str) -> list[dict]:

@@ -43,7 +43,8 @@ class AnswerScorer:
         if timeout <= 0:
             raise ValueError(f"verify_timeout must be > 0 seconds, got {timeout}")
         if kind == "reasoning_gym" and dataset is None:
-            raise ValueError("scorer = \"reasoning_gym\" needs a reasoning-gym task: task = \"reasoning_gym:<dataset>\"")
+            raise ValueError("scorer = \"reasoning_gym\" needs a reasoning-gym task: "
+                             "task = \"reasoning_gym:<dataset>\"")
         self.kind, self.timeout = kind, float(timeout)
         self.extract = make_extractor(extractors)
         self._rg = rewards.reasoning_gym_reward(dataset, extract=self.extract) if kind == "reasoning_gym" else None
