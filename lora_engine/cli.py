@@ -37,7 +37,12 @@ def _sweep(args) -> int:
         return 0
     out = args.out or str(Path("runs") / Path(args.spec).stem)
     groups = [int(g) for g in args.groups.split(",")] if args.groups else None
-    report = run_sweep(args.spec, out, progress=not args.no_progress, groups=groups)
+    if args.ray is not None:
+        from lora_engine.studies.ray_runner import run_ray_sweep
+
+        report = run_ray_sweep(args.spec, out, address=args.ray, progress=not args.no_progress, groups=groups)
+    else:
+        report = run_sweep(args.spec, out, progress=not args.no_progress, groups=groups)
     print(f"report: {report}")
     return 0
 
@@ -66,6 +71,28 @@ def _spectrum(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    import os
+
+    # Before torch loads OpenMP: the engine thread runs many small ops while the HTTP threads wake
+    # it up and down, and spinning OpenMP workers stall it. On the shared 2-core CPU,
+    # examples/tinker_rl_loop.py --steps 10 took 234 s against the server with the default
+    # policy and 30 s with PASSIVE.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        from lora_engine.interop.server.app import ServeConfig
+        from lora_engine.interop.server.http import serve
+    except ImportError as e:
+        print(f"error: lora-engine serve needs the serve extra ({e.name} is missing): "
+              "pip install 'lora-engine[serve]'", file=sys.stderr)
+        return 2
+    key = args.api_key or os.environ.get("LORA_ENGINE_API_KEY", "")
+    serve(ServeConfig(model=args.model, api_key=key, host=args.host, port=args.port, store=args.store,
+                      max_batch_tokens=args.max_batch_tokens, max_sample_rows=args.max_sample_rows,
+                      device=args.device))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="lora-engine",
                                 description="Train many LoRA adapters at once on one frozen base model.")
@@ -82,6 +109,10 @@ def main(argv=None) -> int:
     s.add_argument("--dry-run", action="store_true", help="print the grouping and exit")
     s.add_argument("--groups", default=None, help="comma-separated group indices to run (job arrays)")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--ray", nargs="?", const="auto", default=None, metavar="auto|local|ADDRESS",
+                   help="run each group as a Ray task: auto (a running cluster, else a local one; the default "
+                        "of a bare --ray), local (a new local one) or a cluster address; resources in the "
+                        "spec's [ray] table; needs pip install 'lora-engine[ray]'")
     s.set_defaults(fn=_sweep)
     r = sub.add_parser("report", help="regenerate report.md and figures from RUN_DIR/results.csv")
     r.add_argument("run_dir")
@@ -92,6 +123,17 @@ def main(argv=None) -> int:
     sp.add_argument("--top-k", type=int, default=16, help="k of the top-k singular directions (default 16)")
     sp.add_argument("--out", default=None, help="where spectrum.csv/.png go (default RUN_DIR)")
     sp.set_defaults(fn=_spectrum)
+    sv = sub.add_parser("serve", help="serve the Tinker SDK's API (TINKER_BASE_URL) on one base model")
+    sv.add_argument("--model", default="tiny", help="'tiny' or a local Hugging Face model directory")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="the key clients must send (TINKER_API_KEY; starts with "
+                    "'tml-'); default $LORA_ENGINE_API_KEY")
+    sv.add_argument("--store", default="lora-engine-store", help="where sessions and checkpoints are kept")
+    sv.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens per forward/backward batch")
+    sv.add_argument("--max-sample-rows", type=int, default=256, help="sequences decoded together")
+    sv.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda:0...")
+    sv.set_defaults(fn=_serve)
     args = p.parse_args(argv)
     try:
         return args.fn(args)

@@ -54,6 +54,32 @@ def lora_column_scale(y, bias, scale, scaled, routing):
     return fn(y, bias, scale, scaled, routing)
 
 
+# --- fused AdamW over an adapter bank -----------------------------------------------------
+
+def segment_sumsq(grads, segs, num_slots):
+    """[num_slots] fp32: per adapter slot, the sum of its squared gradient elements over every tensor.
+
+    ``grads``: one tensor per bank buffer (None: skipped); ``segs``: one
+    ``kernels.optim.Segments`` per tensor. Triton on CUDA tensors, vectorised PyTorch elsewhere
+    (``kernels.optim.naive`` is the spec the tests hold both to).
+    """
+    from lora_engine.kernels import optim
+
+    first = next((g for g in grads if g is not None), None)
+    fn = optim.segment_sumsq_triton if first is not None and use_triton(first) else optim.segment_sumsq_torch
+    return fn(grads, segs, num_slots)
+
+
+def adamw_update(params, grads, exp_avgs, exp_avg_sqs, segs, groups, coef):
+    """One AdamW step of every active adapter slot, in place, each with its own coefficients
+    (``coef`` [len(COEFS), 2, A] fp32, ``kernels.optim.segments.COEFS``). See
+    ``lora_engine.kernels.optim.triton_adamw.adamw_update_triton`` for shapes and dtypes."""
+    from lora_engine.kernels import optim
+
+    fn = optim.adamw_update_triton if params and use_triton(params[0]) else optim.adamw_update_torch
+    return fn(params, grads, exp_avgs, exp_avg_sqs, segs, groups, coef)
+
+
 # --- log-probs and policy loss -----------------------------------------------------------
 
 def token_logprobs(hidden, lm_head_weight, targets, temperature=1.0, return_entropy=False):

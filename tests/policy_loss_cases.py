@@ -107,7 +107,7 @@ def formula(logp, old, adv, mask, ids, ref, A, loss_type="dapo", eps_low=0.2, ep
     if importance_level == "sequence":
         lw = ((lr * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1)).expand_as(m)
     r = lw.exp()
-    a = adv[:, None].expand_as(m)
+    a = adv if adv.dim() == 2 else adv[:, None].expand_as(m)  # [B, L]: one advantage per token
     low = high = torch.zeros_like(m, dtype=torch.bool)
     if loss_type == "cispo":
         # MiniMax-M1: the capped ratio is a constant weight on the log-prob's gradient

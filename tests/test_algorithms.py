@@ -202,11 +202,14 @@ def test_outcome_deposits_reduce_to_group_advantages():
     deposits[:, 3] = rewards
     mask = torch.zeros(6, 5, dtype=torch.bool)
     mask[:, :4] = True
-    adv, stats = deposit_advantages(deposits, mask, groups, scale="none")
-    seq_adv, _, _ = group_advantages(rewards, groups, scale="none")
-    assert_close(adv[:, :4], seq_adv[:, None].expand(6, 4), torch.float32, "token vs sequence advantages")
-    assert (adv[:, 4] == 0).all()
-    assert stats["frac_dense_rows"] == 0.0
+    placed = torch.zeros(6, 5, dtype=torch.bool)
+    placed[:, 3] = True  # a wrong answer's 0 is a deposit too
+    for scale in ("none", "std"):
+        adv, stats = deposit_advantages(deposits, mask, groups, placed=placed, scale=scale)
+        seq_adv, _, _ = group_advantages(rewards, groups, scale=scale)
+        assert_close(adv[:, :4], seq_adv[:, None].expand(6, 4), torch.float32, "token vs sequence advantages")
+        assert (adv[:, 4] == 0).all()
+        assert stats["frac_dense_rows"] == 0.0
 
 
 def test_dense_and_sparse_groups_share_a_batch():
@@ -222,7 +225,13 @@ def test_dense_and_sparse_groups_share_a_batch():
 
     adv, stats = deposit_advantages(deposits, mask, groups)
     alone_dense, _ = token_advantages(dense, mask[:2], [0, 0])
-    alone_sparse, _ = token_advantages(token_returns(sparse, mask[2:]), mask[2:], [0, 0])
+    # sparse (DeepSeekMath 4.1.3): deposits {0.5, 1.0, 0.25} normalised over the group, then summed
+    # from each token on (the independent fp64 formula over random batches: test_token_rewards.py)
+    d = torch.tensor([0.5, 1.0, 0.25], dtype=torch.float64)
+    n = (d - d.mean()) / (d.std() + EPS)
+    alone_sparse = torch.zeros(2, 6, dtype=torch.float64)
+    alone_sparse[0, :3], alone_sparse[0, 3:] = n[0] + n[1], n[1]
+    alone_sparse[1, :4] = n[2]
     assert_close(adv[:2], alone_dense, torch.float32, "dense rows")
     assert_close(adv[2:], alone_sparse, torch.float32, "sparse rows")
     assert stats["frac_dense_rows"] == 0.5

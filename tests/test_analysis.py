@@ -98,7 +98,7 @@ def test_load_results_missing_file(tmp_path):
 def test_config_key_ignores_seed_group_and_results_and_merges_missing_values():
     a = _run(8, 16, 0, 0.1, group="g0")
     b = _run(8, 16, 1, 0.3, group="g7", tokens=5)
-    assert config_key(a) == config_key(b) == (8, 16, 1e-5, "lora", 32, 4, 4, 10)
+    assert config_key(a) == config_key(b) == (8, 16, 1e-5, "lora", 32, None, 4, 4, 10)  # no reward_regime: None
     assert config_key({"rank": 8, "batch_size": 16, "lr": math.nan}) == config_key({"rank": 8, "batch_size": 16})
     assert config_key(_run(8, 16, 0, 0.1, lr=3e-5)) != config_key(a)
 

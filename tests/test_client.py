@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from helpers import assert_close
+from helpers import assert_as_close_as_torch, assert_close
 from lora_engine import ops as le_ops
 from lora_engine.interop.client import Batch, Client
 from models import tiny_model
@@ -100,6 +100,24 @@ def test_optim_step_flushes_the_queue_for_every_handle():
     assert all(torch.equal(x, p) for x, p in zip(before_b, b.parameters())), "a's step moved b"
     b.optim_step(lr=1e-2)
     assert len(calls) == 1 and all(p.grad is None for p in b.parameters())
+
+
+def test_gradients_after_an_adapter_is_added_between_steps():
+    """Adding an adapter lays the buffers out anew: gradients move with their adapters, and a
+    handle's next backward (into the new buffers) is seen (the server's flow: a second training
+    client created after the first one stepped)."""
+    client, a, b = _client()
+    a.forward_backward(_batch(2, 4, 3, seed=3)), b.forward_backward(_batch(2, 4, 3, seed=4))
+    a.optim_step(lr=1e-2)  # one backward for both, then a's gradient cleared
+    kept = _grads(b).clone()
+    c = client.create_adapter(rank=3, alpha=6, seed=2)
+    assert all(p.grad is None for p in a.parameters()), "a's cleared gradient came back"
+    assert torch.equal(_grads(b), kept), "b's gradient did not move with it"
+    assert all(p.grad is None or not p.grad.any() for p in c.parameters())
+    a.forward_backward(_batch(2, 4, 3, seed=5))
+    a.optim_step(lr=1e-2)  # raised "has no gradient" when the new buffers' accumulations went unseen
+    assert all(p.grad is None for p in a.parameters())
+    assert torch.equal(_grads(b), kept), "a's backward and step touched b's gradient"
 
 
 def _reference_logp(client, handle, batch):
@@ -311,3 +329,179 @@ def test_example_rl_loop_runs(tmp_path, monkeypatch):
     out = client_rl_loop.main(["--model", str(tmp_path), "--steps", "2", "--pool", "64", "--eval", "4",
                                "--prompts", "2", "--samples", "2", "--max-new-tokens", "4"])
     assert set(out["after"]) == {"base", 0, 1}
+
+
+def _tinker_batch(B, N, seed):
+    """Tinker-aligned rows (input = seq[:-1], target = seq[1:]) with per-token advantages and
+    sampler log-probs off by noise, so the clip ranges are hit."""
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(3, V, (B, N + 1), generator=g)
+    attn = torch.ones(B, N, dtype=torch.long)
+    attn[1, N - 2:] = 0  # a shorter row, right padded
+    w = attn.float()
+    return Batch(seq[:, :-1] * attn, w, attn, sampling_logprobs=-4.0 + 0.5 * torch.randn(B, N, generator=g),
+                 advantages=torch.randn(B, N, generator=g) * attn, target_ids=seq[:, 1:] * attn)
+
+
+TINKER_LOSSES = [
+    pytest.param("cross_entropy", {}, id="cross_entropy"),
+    pytest.param("importance_sampling", {}, id="importance_sampling"),
+    pytest.param("ppo", {"clip_low_threshold": 0.7, "clip_high_threshold": 1.1}, id="ppo"),
+    pytest.param("cispo", {"clip_low_threshold": 0.5, "clip_high_threshold": 1.5}, id="cispo"),
+    pytest.param("dro", {"beta": 0.05}, id="dro"),
+]
+
+
+@pytest.mark.parametrize("loss,config", TINKER_LOSSES)
+def test_tinker_loss_formulas(loss, config):
+    """Tinker's definitions written out independently, in fp64 from the model's full logits:
+    next-token alignment (target_ids), per-token advantages, sums over tokens."""
+    batch = _tinker_batch(3, 7, seed=21)
+    if loss == "cross_entropy":
+        batch.weights[0, 2] = -0.5  # signed weights, as forward_backward_custom sends them
+    if loss == "dro":
+        # Same-sign terms: with mixed signs the scalar sum cancels to ~1e-6 relative, which
+        # measures fp32 summation rather than the formula.
+        batch.advantages = batch.advantages.abs()
+    client, a, _ = _client()
+    out = a.forward_backward(batch, loss, loss_config=config).result()
+    ours = _grads(a)
+    for p in a.parameters():
+        p.grad = None
+    pos = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+    logits = client.engine(batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
+                           adapter_ids=torch.full((3,), a.id)).logits.double()
+    lp = torch.log_softmax(logits, -1).gather(-1, batch.target_ids[..., None]).squeeze(-1)
+    lp = lp * batch.attention_mask
+    w, q, A = batch.weights.double(), batch.sampling_logprobs.double(), batch.advantages.double()
+    r = torch.exp(lp - q)
+    if loss == "cross_entropy":
+        per = lp
+    elif loss == "importance_sampling":
+        per = r * A
+    elif loss == "ppo":
+        per = torch.minimum(r * A, r.clamp(0.7, 1.1) * A)
+    elif loss == "cispo":
+        per = r.clamp(0.5, 1.5).detach() * lp * A
+    else:
+        per = lp * A - 0.025 * (lp - q) ** 2
+    expected = -(w * per).sum()
+    expected.backward()
+    assert_close(torch.tensor(out.loss), expected.detach(), torch.float32, "loss")
+    assert_close(out.logprobs, lp.detach(), torch.float32, "logprobs on every attended token")
+    assert_close(ours, _grads(a), torch.float32, "grads")
+    if loss in ("ppo", "cispo"):
+        assert 0 < out.metrics["clip_frac"] < 1, "the test must hit the clip region"
+
+
+def test_forward_shares_the_base_forward_and_leaves_no_gradient():
+    client, a, b = _client()
+    calls = _count_base_forwards(client)
+    batch = _tinker_batch(2, 6, seed=22)
+    fa = a.forward(batch, "cross_entropy")
+    b.forward_backward(batch, "importance_sampling")
+    client.flush()
+    assert len(calls) == 1
+    # a's rows share the packed LoRA matmul with b's, so its grads may exist, but hold zeros.
+    assert all(p.grad is None or not p.grad.any() for p in a.parameters())
+    assert all(p.grad is not None and p.grad.any() for p in b.parameters())
+    assert_close(fa.result().logprobs, a.forward(batch).result().logprobs, torch.float32, "same logprobs alone")
+
+
+def test_tinker_loss_config_errors():
+    client, a, _ = _client()
+    with pytest.raises(ValueError, match="needs loss_config"):
+        a.forward_backward(_tinker_batch(2, 4, seed=23), "dro")
+    batch = _tinker_batch(2, 4, seed=23)
+    batch.weights[0, 1] = -1.0
+    with pytest.raises(ValueError, match="only cross_entropy takes signed weights"):
+        a.forward_backward(batch, "ppo")
+
+
+def test_load_state_into_a_handle(tmp_path):
+    client, a, b = _client()
+    a.forward_backward(_batch(2, 4, 3, seed=24), "ppo")
+    a.optim_step(lr=1e-2)
+    a.save_state(tmp_path / "a")
+    saved = [p.detach().clone() for p in a.parameters()]
+    a.forward_backward(_batch(2, 4, 3, seed=25), "ppo")
+    a.optim_step(lr=1e-2)
+    a.load_state(tmp_path / "a")
+    assert all(torch.equal(x, p) for x, p in zip(saved, a.parameters()))
+    assert a.optimizer is not None and a.step == 1
+    a.load_state(tmp_path / "a", optimizer=False)
+    assert a.optimizer is None
+    peft_only = tmp_path / "peft"
+    client.engine.save_adapter(a.id, peft_only)
+    with pytest.raises(ValueError, match="no optimizer state"):
+        a.load_state(peft_only)
+
+
+# TRL 1.16's loss types through the client's "grpo" (loss_type=): options per type, TRL's names.
+TRL_TYPES = [pytest.param(lt, opts, id=lt) for lt, opts in (
+    ("grpo", {}), ("bnpo", {}), ("dr_grpo", {"max_completion_length": 11}), ("dapo", {}), ("cispo", {}),
+    ("sapo", {"sapo_temperature_neg": 1.25}), ("luspo", {}),
+    ("vespo", {"vespo_k_pos": 1.5, "vespo_lambda_pos": 2.5, "vespo_k_neg": 4.0, "vespo_lambda_neg": 0.5}))]
+
+
+@pytest.mark.parametrize("loss_type,options", TRL_TYPES)
+def test_trl_loss_types_through_the_client(loss_type, options):
+    """TRL's definitions (tests/policy_loss_cases.formula, fp64 from the model's full logits) on
+    group-normalised rewards, normalised over the batch as TRL does: loss, gradients, clipping."""
+    from policy_loss_cases import formula
+
+    batch = _batch(6, 4, 6, seed=31)
+    # Groups pair long rows with short ones: group-normalised advantages sum to 0 per group, and
+    # rows of similar length would cancel the loss down to fp32 summation noise.
+    batch.group_ids = torch.tensor([0, 1, 2, 0, 1, 2])
+    client, a, _ = _client()
+    with torch.no_grad():  # sampler log-probs near the learner's: ratios ~ exp(N(0, 0.3^2)), as in RL
+        noise = 0.3 * torch.randn(batch.weights.shape, generator=torch.Generator().manual_seed(32))
+        batch.sampling_logprobs = ((_reference_logp(client, a, batch) + noise) * (batch.weights != 0)).float()
+    eps_high = 1.2 if loss_type == "cispo" else 0.28  # cispo: the cap on the ratio
+    out = a.forward_backward(batch, "grpo", loss_type=loss_type, eps_low=0.2, eps_high=eps_high,
+                             loss_config=options).result()
+    ours = _grads(a)
+    for p in a.parameters():
+        p.grad = None
+    lp = _reference_logp(client, a, batch)
+    adv = torch.zeros(6, dtype=torch.float64)
+    for gid in batch.group_ids.unique():
+        sel = batch.group_ids == gid
+        rew = batch.rewards[sel].double()
+        adv[sel] = (rew - rew.mean()) / (rew.std() + 1e-4)
+    opts = dict(options)
+    mcl = opts.pop("max_completion_length", None)
+    losses, metrics = formula(lp, batch.sampling_logprobs.double(), adv, batch.weights.double(),
+                              torch.zeros(6, dtype=torch.long), None, 1, loss_type=loss_type, eps_low=0.2,
+                              eps_high=eps_high, mcl=mcl, **opts)
+    losses[0].backward()
+    # The loss is a whole pipeline ending in a sum over zero-mean advantages: measured against
+    # PyTorch's own fp32 run of the same formula (fp32 logits and log_softmax) as the yardstick.
+    with torch.no_grad():
+        pos = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+        logits = client.engine(batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
+                               adapter_ids=torch.full((6,), a.id)).logits
+        lp32 = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+        lp32 = torch.cat([lp32.new_zeros(6, 1), lp32], 1)
+        own = formula(lp32, batch.sampling_logprobs, adv.float(), batch.weights, torch.zeros(6, dtype=torch.long),
+                      None, 1, loss_type=loss_type, eps_low=0.2, eps_high=eps_high, mcl=mcl, **opts)[0]
+    assert_as_close_as_torch(torch.tensor([out.loss], dtype=torch.float64), own[:1], losses[:1].detach(),
+                             torch.float32, "loss")
+    assert_close(ours, _grads(a), torch.float32, "grads")
+    assert out.metrics["clip_frac"] == pytest.approx(float(metrics["clip_frac"][0]), abs=1e-6)
+    if loss_type not in ("sapo", "vespo"):  # the soft surrogates have no hard clip
+        assert 0 < out.metrics["clip_frac"] < 1, "the test must hit the clip region"
+
+
+def test_trl_loss_type_errors():
+    client, a, _ = _client()
+    batch = _batch(2, 4, 3, seed=10)
+    with pytest.raises(ValueError, match="loss='grpo'"):
+        a.forward_backward(batch, "ppo", loss_type="sapo")
+    with pytest.raises(ValueError, match="unknown loss_type"):
+        a.forward_backward(batch, "grpo", loss_type="ppo")
+    with pytest.raises(ValueError, match="not settings of TRL's 'sapo'"):
+        a.forward_backward(batch, "grpo", loss_type="sapo", loss_config={"beta": 0.1})
+    with pytest.raises(ValueError, match="sapo_temperature_pos must be > 0"):
+        a.forward_backward(batch, "grpo", loss_type="sapo", loss_config={"sapo_temperature_pos": 0.0})

@@ -17,7 +17,7 @@ from lora_engine.kernels.logprobs import triton_logprobs as tlp
 from lora_engine.kernels.lora import LoRALayout, lora_column_scale_triton, lora_linear_triton
 from lora_engine.kernels.lora import triton_dora, triton_lora
 from lora_engine.kernels.policy_loss import METRIC_NAMES, policy_loss_naive
-from lora_engine.kernels.policy_loss import custom_op as plc
+from lora_engine.kernels.policy_loss import triton_policy_loss as plc
 from lora_engine.kernels.policy_loss import triton_policy_loss as tpl
 from lora_engine.engine.routing import routing_from_token_ids
 

@@ -175,8 +175,8 @@ def test_dora_through_the_wrapper_sees_every_update(monkeypatch):
     from lora_engine.engine import methods
 
     calls = []
-    real = methods.dora_norm
-    monkeypatch.setattr(methods, "dora_norm", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    real = methods.dora_norms
+    monkeypatch.setattr(methods, "dora_norms", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     model = wrap_for_trl(_base(), le.AdapterSpec(rank=2, method="dora"), target_modules=TARGETS)
     ids = torch.randint(5, len(TOK), (2, 6), generator=torch.Generator().manual_seed(2))
     n_modules = len(model.lora_engine.bank.modules_of(0))

@@ -190,7 +190,7 @@ def _bad_policy_inputs():
     logp, old, ref, mask, adv, ids = make_inputs(4, 6, 2, "random")
     return [
         pytest.param(dict(old_logp=old[:, :5]), "old_logp", id="old-shape"),
-        pytest.param(dict(advantages=adv[:, None].expand(4, 6)), r"advantages must be", id="adv-per-token"),
+        pytest.param(dict(advantages=adv[:, None].expand(4, 5)), r"advantages must be", id="adv-per-token-width"),
         pytest.param(dict(mask=mask[:3]), "mask", id="mask-shape"),
         pytest.param(dict(adapter_ids=ids.float()), "integer", id="ids-float"),
         pytest.param(dict(adapter_ids=ids - 1), ">= 0", id="ids-negative"),

@@ -202,3 +202,23 @@ def test_trainer_on_a_gsm8k_file_logs_every_reward_part(tmp_path):
         assert {"verify_timeouts", "verify_errors", "verify_skipped"} <= set(r)
     ev = tr.evaluate()
     assert set(ev[0]) >= {"pass@1", "format_rate"}
+
+
+def test_reward_log_columns_are_per_adapter_means():
+    """The log's reward parts and format rate are segmented means over interleaved adapter rows."""
+    import torch
+
+    from lora_engine.rl.metrics import RewardLog
+    from lora_engine.rl.rewards import RewardStats
+
+    texts = [r"\boxed{1}", "no box", r"\boxed{2}", r"\boxed{3} \boxed{4}", r"\boxed{5}"]
+    ids = torch.tensor([2, 0, 2, 0, 2])
+    stats = {0: RewardStats(), 2: RewardStats()}
+    stats[2].add("errors")
+    log = RewardLog({"correct": [1.0, 0.0, 0.0, 1.0, 1.0], "format": [0.1, -0.1, 0.1, 0.0, 0.1]}, texts, stats)
+    cols = log.columns(ids, 3)
+    assert cols["reward_correct"][[0, 2]].tolist() == pytest.approx([0.5, 2 / 3])
+    assert cols["reward_format"][[0, 2]].tolist() == pytest.approx([-0.05, 0.1])
+    assert cols["format_rate"][[0, 2]].tolist() == pytest.approx([0.0, 1.0])
+    assert log.counts(2) == {"verify_timeouts": 0, "verify_errors": 1, "verify_skipped": 0}
+    assert log.counts(1) == {"verify_timeouts": 0, "verify_errors": 0, "verify_skipped": 0}

@@ -63,13 +63,14 @@ def _capture_grads(tr):
     """Record each adapter's gradients as the trainer steps it (before AdamW, whose first update
     lr * g / (|g| + eps) would turn rounding noise in near-zero gradients into sign flips)."""
     grads = {}
-    real = tr._adapter_step
+    real = tr._bank_step
 
-    def step(a, loss):
-        grads.setdefault(a, []).append([p.grad.clone() for p in tr.engine.adapter_parameters(a)])
-        return real(a, loss)
+    def step(losses):
+        for a in tr.ids:
+            grads.setdefault(a, []).append([p.grad.clone() for p in tr.engine.adapter_parameters(a)])
+        return real(losses)
 
-    tr._adapter_step = step
+    tr._bank_step = step
     return grads
 
 
@@ -333,7 +334,7 @@ def test_dropped_groups_leave_every_normaliser(tmp_path, loss_type):
     tr.step(0)
     kept = torch.tensor([j == 1 for j in prompt_of])
     adv, _, _ = group_advantages(reward[kept], torch.zeros(int(kept.sum()), dtype=torch.long))
-    sub = twin._select(ro, kept.nonzero().squeeze(1))
+    sub = ro.select(kept.nonzero().squeeze(1))
     logp = twin.token_logprobs(sub, sub.adapter_ids)
     losses, _ = ops.policy_loss(logp, logp.detach(), adv, sub.completion_mask.float(), sub.adapter_ids,
                                 loss_type=loss_type, num_adapters=1, max_completion_length=5)

@@ -3,7 +3,8 @@ luspo, vespo; token or sequence (GSPO) ratios) + k3 KL, plain or bias-corrected.
 
 ``LOSS_TYPES`` and ``loss_normalisers`` are the one home of the loss-type list and of each
 type's per-adapter normaliser (the trainer rescales micro-batches with it)."""
-from .loss_types import LOSS_TYPES, NORMALISER, NORMALISERS, SURROGATE, SURROGATES, loss_normalisers
+from .loss_types import (LOSS_TYPES, NORMALISER, NORMALISERS, SEQUENCE_ADVANTAGE_ONLY, SURROGATE, SURROGATES,
+                         loss_normalisers)
 from .naive import (IMPORTANCE_LEVELS, LOSS_OPTION_DEFAULTS, METRIC_NAMES, check_loss_options,
                     check_policy_loss_inputs, policy_loss_naive)
 
@@ -15,5 +16,5 @@ def policy_loss_triton(*args, **kwargs):
 
 
 __all__ = ["IMPORTANCE_LEVELS", "LOSS_OPTION_DEFAULTS", "LOSS_TYPES", "METRIC_NAMES", "NORMALISER",
-           "NORMALISERS", "SURROGATE", "SURROGATES", "check_loss_options", "check_policy_loss_inputs",
+           "NORMALISERS", "SEQUENCE_ADVANTAGE_ONLY", "SURROGATE", "SURROGATES", "check_loss_options", "check_policy_loss_inputs",
            "loss_normalisers", "policy_loss_naive", "policy_loss_triton"]

@@ -40,6 +40,10 @@ NORMALISER = {"grpo": "sequence_mean", "sapo": "sequence_mean", "luspo": "sequen
               "dr_grpo": "sequences_x_length",
               "bnpo": "tokens", "dapo": "tokens", "cispo": "tokens", "vespo": "tokens"}
 
+# Loss types whose surrogate weighs a whole sequence by one factor (vespo's phi_b) paired with
+# one advantage: they take [B] advantages only, never per-token ones (nor does GSPO's ratio).
+SEQUENCE_ADVANTAGE_ONLY = ("vespo",)
+
 
 def check_loss_type(loss_type) -> str:
     if loss_type not in LOSS_TYPES:

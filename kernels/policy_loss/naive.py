@@ -25,6 +25,8 @@ and 0 elsewhere (so garbage log-probs at padding cannot make a nan):
               * r   with kl_correction (TRL's use_bias_correction_kl; r before the delta clamp)
     loss_tok += beta * kl
 
+``A_b`` may also be ``A_bt``, one advantage per token (token-level rewards, PPO's GAE): every
+formula above then reads elementwise (token importance only; not vespo, whose phi is per row).
 ``sg`` is stop-gradient. The adapter's loss is its masked sum of ``loss_tok`` (grpo and sapo:
 of per-sequence means) over the normaliser ``loss_types.loss_normalisers`` gives: sequences
 (grpo, sapo, luspo), sequences * max_completion_length (dr_grpo) or tokens (bnpo, dapo,
@@ -54,7 +56,7 @@ import numbers
 
 import torch
 
-from .loss_types import NORMALISER, SURROGATE, check_loss_type, loss_normalisers
+from .loss_types import NORMALISER, SEQUENCE_ADVANTAGE_ONLY, SURROGATE, check_loss_type, loss_normalisers
 
 IMPORTANCE_LEVELS = ("token", "sequence")
 METRIC_NAMES = ("clip_frac_low", "clip_frac_high", "clip_frac", "kl_mean", "ratio_mean")
@@ -89,9 +91,13 @@ def check_policy_loss_inputs(logp, old_logp, advantages, mask, adapter_ids, ref_
         if not _is_float(t) or t.shape != logp.shape:
             raise ValueError(f"{name} must be a floating tensor shaped like logp {tuple(logp.shape)}, "
                              f"got {getattr(t, 'shape', type(t))}; pass per-token log-probs [B, L]")
-    if not _is_float(advantages) or advantages.shape != (B,):
-        raise ValueError(f"advantages must be a floating tensor [B]=[{B}] (one per sequence), got "
-                         f"{getattr(advantages, 'shape', type(advantages))}; squeeze or expand it")
+    if not _is_float(advantages) or advantages.shape not in ((B,), (B, L)):
+        raise ValueError(f"advantages must be a floating tensor [B]=[{B}] (one per sequence) or [B, L]=[{B}, {L}] "
+                         f"(one per token), got {getattr(advantages, 'shape', type(advantages))}")
+    if advantages.dim() == 2 and (importance_level == "sequence" or loss_type in SEQUENCE_ADVANTAGE_ONLY):
+        # GSPO's ratio and VESPO's phi are per sequence, and so is the advantage they pair with.
+        raise ValueError(f"per-token advantages [B, L] need importance_level='token' and a loss type other "
+                         f"than vespo (got {importance_level!r}, {loss_type!r}); pass one advantage per sequence")
     if not isinstance(mask, torch.Tensor) or mask.shape != logp.shape or mask.is_complex():
         raise ValueError(f"mask must be a bool/int/float tensor shaped like logp {tuple(logp.shape)}; "
                          "pass the completion mask [B, L]")
@@ -213,7 +219,7 @@ def policy_loss_naive(logp, old_logp, advantages, mask, adapter_ids, ref_logp=No
     for a in range(A):
         sel = adapter_ids == a
         m = m_all[sel]
-        adv = adv_all[sel].unsqueeze(1)
+        adv = adv_all[sel] if adv_all.dim() == 2 else adv_all[sel].unsqueeze(1)
         on = m != 0
         lp = torch.where(on, lp_all[sel], torch.zeros_like(m))
         log_ratio = torch.where(on, lp_all[sel] - old_all[sel], torch.zeros_like(m))

@@ -82,12 +82,16 @@ def _policy_rows_kernel(
     logp_ptr, old_ptr, ref_ptr, mask_ptr, adv_ptr, rows_ptr,
     L, lo, hi, cap, delta, beta, t_pos, t_neg, k_pos, lam_pos, k_neg, lam_neg,
     SURROGATE: tl.constexpr, SEQ_LEVEL: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_REF: tl.constexpr,
-    HAS_KL: tl.constexpr, KL_CORR: tl.constexpr, BLOCK_L: tl.constexpr,
+    HAS_KL: tl.constexpr, KL_CORR: tl.constexpr, TOKEN_ADV: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """Row statistics of sequence ``b`` (inputs contiguous [B, L]) into rows[b, 0:NSTAT]."""
+    """Row statistics of sequence ``b`` (inputs contiguous [B, L]) into rows[b, 0:NSTAT].
+    ``TOKEN_ADV``: advantages are [B, L] (token level only, never with SEQ_LEVEL or vespo)."""
     b = tl.program_id(0)
     base = b.to(tl.int64) * L
-    adv = tl.load(adv_ptr + b).to(tl.float32)
+    if TOKEN_ADV:
+        adv = 0.0  # unused: every use below reads the per-token adv_t
+    else:
+        adv = tl.load(adv_ptr + b).to(tl.float32)
 
     # A first pass over the row when the ratio (GSPO) or phi (VESPO) is a per-row quantity.
     acc_lr = tl.zeros((BLOCK_L,), tl.float32)
@@ -133,6 +137,10 @@ def _policy_rows_kernel(
         else:
             old = tl.load(old_ptr + base + offs, mask=ml, other=0.0).to(tl.float32)
             r = tl.exp(tl.where(on, lp - old, 0.0))
+        if TOKEN_ADV:
+            adv_t = tl.load(adv_ptr + base + offs, mask=ml, other=0.0).to(tl.float32)
+        else:
+            adv_t = adv_l
         low = offs < 0  # all False: sapo and vespo clip nothing, cispo only high
         high = offs < 0
         if SURROGATE == 0:
@@ -141,17 +149,17 @@ def _policy_rows_kernel(
                 c1 = tl.minimum(r, delta)
             else:
                 c1 = r
-            pt = -tl.minimum(c1 * adv, c2 * adv)
-            low = (c1 < lo) & (adv_l < 0)
-            high = (c1 > hi) & (adv_l > 0)
+            pt = -tl.minimum(c1 * adv_t, c2 * adv_t)
+            low = (c1 < lo) & (adv_t < 0)
+            high = (c1 > hi) & (adv_t > 0)
         elif SURROGATE == 1:
-            pt = -tl.minimum(r, cap) * adv * lp
-            high = (r > cap) & (adv_l > 0)
+            pt = -tl.minimum(r, cap) * adv_t * lp
+            high = (r > cap) & (adv_t > 0)
         elif SURROGATE == 2:
-            tau = tl.where(adv_l > 0, t_pos, t_neg)
-            pt = -_sigmoid(tau * (r - 1.0)) * 4.0 / tau * adv
+            tau = tl.where(adv_t > 0, t_pos, t_neg)
+            pt = -_sigmoid(tau * (r - 1.0)) * 4.0 / tau * adv_t
         else:
-            pt = -phi * adv * lp
+            pt = -phi * adv_t * lp
         if HAS_REF:
             ref = tl.load(ref_ptr + base + offs, mask=ml, other=0.0).to(tl.float32)
             k3 = _k3(tl.where(on, ref - lp, 0.0))
@@ -241,7 +249,7 @@ def _policy_bwd_kernel(
     logp_ptr, old_ptr, ref_ptr, mask_ptr, adv_ptr, ids_ptr, rows_ptr, cnt_ptr, gloss_ptr, dlogp_ptr,
     L, A, Lc, lo, hi, cap, delta, beta, t_pos, t_neg,
     NORM: tl.constexpr, SURROGATE: tl.constexpr, SEQ_LEVEL: tl.constexpr, HAS_DELTA: tl.constexpr,
-    HAS_KL: tl.constexpr, KL_CORR: tl.constexpr, BLOCK_L: tl.constexpr,
+    HAS_KL: tl.constexpr, KL_CORR: tl.constexpr, TOKEN_ADV: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """dlogp[b, :] = d(sum_a g_a loss_a) / d logp[b, :]. Sequence level: the row's loss is
     msum * loss_tok(w) with w = sum_l mask_l log_ratio_l / max(msum, 1), so token l gets
@@ -256,7 +264,10 @@ def _policy_bwd_kernel(
     n = tl.load(cnt_ptr + a)
     tok = tl.load(cnt_ptr + A + a)
     msum = tl.load(row + 1)
-    adv = tl.load(adv_ptr + b).to(tl.float32)
+    if TOKEN_ADV:
+        adv = 0.0  # unused: every use below reads the per-token adv_t
+    else:
+        adv = tl.load(adv_ptr + b).to(tl.float32)
     if NORM == 0:
         w_row = g / (tl.maximum(msum, 1.0) * tl.maximum(n, 1.0))
     elif NORM == 1:
@@ -285,14 +296,18 @@ def _policy_bwd_kernel(
         else:
             old = tl.load(old_ptr + base + offs, mask=ml, other=0.0).to(tl.float32)
             r = tl.exp(tl.where(on, lp - old, 0.0))
+        if TOKEN_ADV:
+            adv_t = tl.load(adv_ptr + base + offs, mask=ml, other=0.0).to(tl.float32)
+        else:
+            adv_t = tl.zeros((BLOCK_L,), tl.float32) + adv
         if SURROGATE == 1:
-            d = -mk * tl.minimum(r, cap) * adv
+            d = -mk * tl.minimum(r, cap) * adv_t
         elif SURROGATE == 3:
-            d = -mk * phi * adv
+            d = -mk * phi * adv_t
         elif SEQ_LEVEL:
             d = mk * seq_coef
         else:
-            d = mk * _dsurrogate_dw(r, adv, lo, hi, delta, t_pos, t_neg, SURROGATE, HAS_DELTA)
+            d = mk * _dsurrogate_dw(r, adv_t, lo, hi, delta, t_pos, t_neg, SURROGATE, HAS_DELTA)
         if HAS_KL:
             ref = tl.load(ref_ptr + base + offs, mask=ml, other=0.0).to(tl.float32)
             dref = tl.where(on, ref - lp, 0.0)

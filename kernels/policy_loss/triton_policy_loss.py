@@ -17,10 +17,17 @@ deterministic:
 
 Memory traffic is 4-5 reads of [B, L] and one write; nothing [B, L] is stored for backward
 beyond the inputs.
+
+The autograd layer is a pair of ``torch.library`` custom ops with fake implementations
+(``lora_engine::policy_loss`` and its backward), so ``torch.compile`` traces the loss without a
+graph break. A custom op takes no dict: the launch config travels as its float entries
+(``FLOAT_KEYS``) and its int/bool entries (``INT_KEYS``); a new key goes into one of them, and
+``policy_loss_apply`` refuses a config with a key it does not know rather than drop it.
 """
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -55,7 +62,7 @@ def _policy_fwd(logp, old, ref, mask, adv, ids, A, cfg):
         cfg["k_pos"], cfg["lam_pos"], cfg["k_neg"], cfg["lam_neg"],
         SURROGATE=cfg["surrogate"], SEQ_LEVEL=cfg["seq"], HAS_DELTA=cfg["has_delta"],
         HAS_REF=ref is not None, HAS_KL=cfg["has_kl"], KL_CORR=cfg["kl_corr"] and ref is not None,
-        BLOCK_L=BLOCK_L, num_warps=4,
+        TOKEN_ADV=adv.dim() == 2, BLOCK_L=BLOCK_L, num_warps=4,
     )
     losses = torch.empty((A,), device=logp.device, dtype=torch.float32)
     metrics = torch.empty((len(METRIC_NAMES), A), device=logp.device, dtype=torch.float32)
@@ -75,9 +82,81 @@ def _policy_bwd(logp, old, ref, mask, adv, ids, rows, counts, g_losses, cfg):
         L, A, cfg["Lc"], cfg["lo"], cfg["hi"], cfg["cap"], cfg["delta"], cfg["beta"], cfg["t_pos"], cfg["t_neg"],
         NORM=cfg["norm"], SURROGATE=cfg["surrogate"], SEQ_LEVEL=cfg["seq"], HAS_DELTA=cfg["has_delta"],
         # the correction only changes the gradient through beta * kl: no extra variant at beta = 0
-        HAS_KL=cfg["has_kl"], KL_CORR=cfg["kl_corr"] and cfg["has_kl"], BLOCK_L=BLOCK_L, num_warps=4,
+        HAS_KL=cfg["has_kl"], KL_CORR=cfg["kl_corr"] and cfg["has_kl"], TOKEN_ADV=adv.dim() == 2,
+        BLOCK_L=BLOCK_L, num_warps=4,
     )
     return dlogp
+
+
+# --- autograd: custom ops (torch.compile traces them; CUDA graphs capture them) ----------------
+
+FLOAT_KEYS = ("lo", "hi", "cap", "delta", "beta", "t_pos", "t_neg", "k_pos", "lam_pos", "k_neg", "lam_neg", "Lc")
+INT_KEYS = ("has_delta", "has_kl", "kl_corr", "seq", "surrogate", "norm")
+CFG_KEYS = FLOAT_KEYS + INT_KEYS
+
+
+def _cfg(floats, ints) -> dict:
+    return {**dict(zip(FLOAT_KEYS, floats)), **{k: (bool(v) if k.startswith(("has_", "kl_", "seq")) else int(v))
+                                                 for k, v in zip(INT_KEYS, ints)}}
+
+
+@torch.library.custom_op("lora_engine::policy_loss", mutates_args=())
+def _policy_loss_op(logp: torch.Tensor, old: torch.Tensor, ref: Optional[torch.Tensor], mask: torch.Tensor,
+                    adv: torch.Tensor, ids: torch.Tensor, A: int, floats: list[float],
+                    ints: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(losses [A], metrics [M, A], row statistics [B, NSTAT], counts [2, A]), fp32; the last two
+    are for the backward."""
+    return _policy_fwd(logp, old, ref, mask, adv, ids, A, _cfg(floats, ints))
+
+
+@_policy_loss_op.register_fake
+def _(logp, old, ref, mask, adv, ids, A, floats, ints):
+    f32 = lambda *shape: logp.new_empty(shape, dtype=torch.float32)
+    return f32(A), f32(len(METRIC_NAMES), A), f32(logp.shape[0], NSTAT), f32(2, A)
+
+
+@torch.library.custom_op("lora_engine::policy_loss_backward", mutates_args=())
+def _policy_loss_bwd_op(logp: torch.Tensor, old: torch.Tensor, ref: Optional[torch.Tensor], mask: torch.Tensor,
+                        adv: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor,
+                        g_losses: torch.Tensor, floats: list[float], ints: list[int]) -> torch.Tensor:
+    return _policy_bwd(logp, old, ref, mask, adv, ids, rows, counts, g_losses, _cfg(floats, ints))
+
+
+@_policy_loss_bwd_op.register_fake
+def _(logp, old, ref, mask, adv, ids, rows, counts, g_losses, floats, ints):
+    return torch.empty_like(logp)
+
+
+def _setup(ctx, inputs, output):
+    logp, old, ref, mask, adv, ids, A, floats, ints = inputs
+    _, _, rows, counts = output
+    ctx.save_for_backward(logp, old, ref, mask, adv, ids, rows, counts)
+    ctx.floats, ctx.ints = floats, ints
+
+
+def _backward(ctx, g_losses, g_metrics, g_rows, g_counts):
+    logp, old, ref, mask, adv, ids, rows, counts = ctx.saved_tensors
+    dlogp = None
+    if ctx.needs_input_grad[0]:
+        # Upstream grads of losses.sum() arrive as a stride-0 expanded view; the kernel indexes them.
+        dlogp = _policy_loss_bwd_op(logp, old, ref, mask, adv, ids, rows, counts, g_losses.float().contiguous(),
+                                    ctx.floats, ctx.ints)
+    return (dlogp,) + (None,) * 8
+
+
+_policy_loss_op.register_autograd(_backward, setup_context=_setup)
+
+
+def policy_loss_apply(logp, old, ref, mask, adv, ids, A, cfg):
+    """The policy loss's autograd entry: contiguous [B, L] inputs (``mask`` fp32), [B] or [B, L]
+    ``adv``, [B] ``ids``, ``A`` adapters, the launch config ``cfg``. Returns (losses [A], metrics [M, A])."""
+    if set(cfg) != set(CFG_KEYS):
+        raise ValueError(f"policy loss cfg keys {sorted(cfg)} != {sorted(CFG_KEYS)}: add the new keys to "
+                         "kernels/policy_loss/triton_policy_loss.py (FLOAT_KEYS or INT_KEYS)")
+    floats = [float(cfg[k]) for k in FLOAT_KEYS]
+    ints = [int(cfg[k]) for k in INT_KEYS]
+    losses, metrics, _, _ = _policy_loss_op(logp, old, ref, mask, adv, ids, int(A), floats, ints)
+    return losses, metrics
 
 
 # --- public function ----------------------------------------------------------------------
@@ -93,7 +172,8 @@ def policy_loss_triton(logp, old_logp, advantages, mask, adapter_ids, ref_logp=N
     Args:
         logp: [B, L] fp16/bf16/fp32, current-policy per-token log-probs (differentiable).
         old_logp: [B, L] float, behaviour-policy log-probs (constant).
-        advantages: [B] float, one per sequence (constant).
+        advantages: [B] float, one per sequence, or [B, L], one per token (token-level rewards,
+            PPO; token importance only, not vespo), constant.
         mask: [B, L] bool/int/float completion mask (float values act as token weights).
         adapter_ids: [B] int in [0, num_adapters), the adapter of each sequence.
         ref_logp: [B, L] float reference log-probs, or None (then beta must be 0).
@@ -153,8 +233,6 @@ def policy_loss_triton(logp, old_logp, advantages, mask, adapter_ids, ref_logp=N
                k_neg=opt["vespo_k_neg"], lam_neg=opt["vespo_lambda_neg"],
                Lc=float(Lc))  # a float: n * Lc in fp32, and no int specialisation / overflow
     mask_f = mask if mask.dtype == torch.float32 else mask.to(torch.float32)
-    from .custom_op import policy_loss_apply  # the custom op wraps this module's launchers
-
     losses, metrics = policy_loss_apply(
         logp.contiguous(), old_logp.contiguous(), ref_logp.contiguous() if ref_logp is not None else None,
         mask_f.contiguous(), advantages.contiguous(), adapter_ids.contiguous(), A, cfg)

@@ -1,6 +1,8 @@
 """``MultiLoRALinear``: a frozen base ``nn.Linear`` plus the bank's adapters for that module."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -20,13 +22,15 @@ class RoutingState:
         self.num_slots = 0
         self._cache: dict = {}
         self.memo: dict = {}
+        self._derived = weakref.WeakKeyDictionary()
 
     def set(self, adapter_ids: torch.Tensor | None, num_slots: int) -> None:
         self.adapter_ids = adapter_ids
         self.num_slots = num_slots
         self._cache = {}
-        # Per-context values of the adapter weights (DoRA norms), reused only under no_grad.
+        # Per-context values of the adapter weights (kernel pairs, DoRA norms), reused only under no_grad.
         self.memo = {}
+        self._derived = weakref.WeakKeyDictionary()
 
     def routing_for(self, batch: int, seq_len: int, device):
         from lora_engine.engine.routing import build_routing
@@ -38,6 +42,28 @@ class RoutingState:
                                  f"{batch} sequences: give one adapter id per sequence")
             self._cache[key] = build_routing(self.adapter_ids, seq_len, self.num_slots, device)
         return self._cache[key]
+
+    def dense_rows(self, routing, full: torch.Tensor):
+        """Rows of the full fine-tuning segments of ``routing``, padded: (rows [S_f, L] int64, valid
+        [S_f, L] bool, dW row of each segment [S_f]), or (None, None, None) when none is routed.
+        ``full``: [num_slots] dW row per slot (-1: not full fine-tuning). Built once per batch."""
+        per = self._derived.setdefault(routing, {})
+        key = ("dense", id(full))
+        if key not in per:
+            start, adapter = routing.segment_tensors()
+            start, adapter = start.long(), adapter.long()
+            which = full.index_select(0, adapter)
+            seg = (which >= 0).nonzero().squeeze(1)
+            if seg.numel() == 0:
+                per[key] = (None, None, None, full)
+            else:
+                lo, n = start.index_select(0, seg), start.index_select(0, seg + 1) - start.index_select(0, seg)
+                span = torch.arange(int(n.max()), device=lo.device)
+                valid = span[None, :] < n[:, None]
+                pos = torch.where(valid, lo[:, None] + span[None, :], torch.zeros_like(valid, dtype=torch.int64))
+                rows = routing.token_idx.index_select(0, pos.reshape(-1)).view(pos.shape)
+                per[key] = (rows, valid, which.index_select(0, seg), full)  # full: keeps id(full) unique
+        return per[key][:3]
 
 
 class MultiLoRALinear(nn.Module):
@@ -74,11 +100,14 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, L, K] -> [B, L, N]: base + each row's adapter (LoRA-family update in the packed
-        kernel, DoRA's column scale as an epilogue, full fine-tuning's dense dW added per segment)."""
+        kernel, DoRA's column scale as an epilogue, full fine-tuning's dense dW per segment).
+
+        Per forward this does no work per adapter: the module's layout (bank) and the batch's
+        routing (state) are built once, the kernel pair is the bank's buffers (LoRA family)."""
         if self.state.adapter_ids is None:
             return self.base(x)
-        plan = self.bank.plan(self.name)
-        if not plan.present:
+        lay = self.bank.module_layout(self.name)
+        if not lay.ids:
             return self.base(x)
         lead = x.shape[:-1]
         if len(lead) != 2:
@@ -86,21 +115,29 @@ class MultiLoRALinear(nn.Module):
         routing = self.state.routing_for(lead[0], lead[1], x.device)
         x, weight, bias = self._compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])
+        # Generation (no grad) reuses the kernel pair and DoRA norms for every token; training
+        # rebuilds them each forward, since an optimiser step may have changed the weights.
         memo = None if torch.is_grad_enabled() else self.state.memo
-        lora_a, lora_b = self.bank.packed(self.name, x.dtype, memo)
-        y = ops.lora_linear(x2, weight, bias, lora_a, lora_b, plan.layout, routing)
-        routed = set(routing.seg_adapter)
-        dora = [a for a in routed if plan.dora[a]]
-        if dora:
-            # Generation (no grad) reuses the DoRA norms for every token; training recomputes them
-            # each forward, since an optimiser step may have changed A and B in between.
-            scale = self.bank.dora_scale(self.name, self.base.weight, sorted(dora), memo)
-            y = ops.lora_column_scale(y, self.base.bias, scale, plan.dora, routing)
-        for a, rows in routing.segments() if plan.full else ():
-            if a in plan.full:
-                delta = self.bank.full_delta(a, self.name).to(x.dtype)
-                y = y.index_add(0, rows, x2.index_select(0, rows) @ delta.T)
+        lora_a, lora_b = self.bank.kernel_pair(self.name, x.dtype, memo)
+        y = ops.lora_linear(x2, weight, bias, lora_a, lora_b, lay.kernel, routing)
+        if lay.dora is not None:
+            scale = self.bank.dora_scale(self.name, self.base.weight, memo)
+            y = ops.lora_column_scale(y, self.base.bias, scale, lay.dora.flags, routing)
+        if lay.full is not None:
+            y = self._dense(x2, y, routing, lay)
         return y.reshape(*lead, -1)
+
+    def _dense(self, x2, y, routing, lay):
+        """y[t] += x[t] dW_a^T for the rows t of every full fine-tuning adapter a: one batched matmul
+        over their segments padded to the longest (a segment's rows are gathered and scattered once)."""
+        rows, valid, which = self.state.dense_rows(routing, lay.full)
+        if rows is None:
+            return y
+        delta = self.bank.buffer(self.name, "delta_weight").to(x2.dtype)  # [n_full, N, K]
+        xs = x2.index_select(0, rows.reshape(-1)).view(*rows.shape, -1) * valid[..., None].to(x2.dtype)
+        out = torch.bmm(xs, delta.index_select(0, which).transpose(1, 2))
+        keep = valid.reshape(-1)
+        return y.index_add(0, rows.reshape(-1)[keep], out.reshape(-1, out.shape[-1])[keep].to(y.dtype))
 
     def _compute_dtype(self, x):
         """(x, weight, bias) in one dtype: autocast's if it is on (TRL's bf16=True on an fp32

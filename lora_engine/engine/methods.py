@@ -1,6 +1,7 @@
 """PEFT methods on one shared frozen base, as one table: a ``Method`` record per method holds
-its tensors, their init, how they pack into the multi-adapter kernel, the weight update they
-amount to, and their PEFT export. A new method is one new record here.
+its tensors and how each lays out in the bank's packed storage, their init, how the kernel pair
+derives from them, the weight update they amount to, and their PEFT export. A new method is one
+new record here.
 
 Every method is a LoRA-shaped pair that the packed kernel computes (``y += s x A_eff^T B_eff^T``
 on the adapter's rows), plus, for two methods, one more term in ``MultiLoRALinear``:
@@ -27,6 +28,15 @@ the size of the update). Gradients are exactly those of s x A^T B^T.
 DoRA follows PEFT 0.21 (``tuners/lora/dora.py``): y = bias + g (x W^T + s x A^T B^T) with
 g = m / ||W + s B A||_c and the norm detached (DoRA paper, section 4.3).
 
+Packed storage (``bank.py``): per module, every adapter's tensor of one kind lives in one leaf
+buffer, its slice along the buffer's adapter axis (``LAYOUTS``); a frozen kind (LoRA-FA's A,
+PiSSA's A0/B0) in a buffer of its own (``storage_name``), so no frozen tensor gets a gradient or
+optimiser state. A record's ``pack`` turns the stacked tensors of all its adapters on a module
+into their kernel rows at once (no loop over adapters). Where a module's kernel adapters are all
+of the LoRA family (lora, rslora, lora_plus, dora share one ``pack``), the kernel reads the
+lora_A / lora_B buffers themselves, no copy; a module mixing methods gathers the packs' rows
+into slot order once per forward (memoised while generating).
+
 PEFT export: each record maps its tensors to PEFT's per-module key suffixes (``to_peft``) and
 back (``from_peft``) and says which PEFT config it is (``peft_config``); the directory layout,
 key prefix and files are ``peft_format``'s.
@@ -35,11 +45,45 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
+from lora_engine.engine.method_math import (column_norm_sq, dora_norm, dora_norms, kaiming_uniform,  # noqa: F401
+                                            vera_projections)
+
 LORA_PLUS_RATIO = 16.0
+
+# How one adapter's tensor of a kind stacks with the other adapters' into a module's buffer:
+#   layout  per adapter  buffer        adapter axis   (r: the adapter's rank on the module, n: adapters)
+#   rows    [r, K]       [sum r, K]    0              (LoRA's A: the kernel's A_all as it is)
+#   cols    [N, r]       [N, sum r]    1              (LoRA's B: the kernel's B_all as it is)
+#   rank    [r]          [sum r]       0              (VeRA's d)
+#   out     [N]          [n, N]        0              (DoRA's m, VeRA's b)
+#   dense   [N, K]       [n, N, K]     0              (full fine-tuning's dW)
+ROWS, COLS, RANK, OUT, DENSE = "rows", "cols", "rank", "out", "dense"
+LAYOUTS = {ROWS: 0, COLS: 1, RANK: 0, OUT: 0, DENSE: 0}  # layout -> adapter axis
+RANKED = (ROWS, COLS, RANK)  # an adapter spans r positions of the axis (else 1)
+
+
+class PackGroup(NamedTuple):
+    """What ``Method.pack`` gets besides the tensors: one module, the method's adapters on it."""
+
+    in_features: int          # K
+    out_features: int         # N
+    owner: torch.Tensor       # [R] int64: which of the group's adapters (0..n-1) each rank row belongs to
+    vera: tuple | None        # VeRA: (A_v rows [R, K], B_v columns [N, R]) of the group's adapters
+
+
+def storage_name(method: "Method", kind: str) -> str:
+    """The bank buffer a kind lives in: its own name, or ``<kind>__frozen`` where the method freezes
+    it (LoRA-FA's A sits apart from the trainable A of the other adapters)."""
+    return kind if method.is_trainable(kind) else f"{kind}__frozen"
+
+
+def lora_plus_rate(kind: str, layout: str) -> bool:
+    """B and every 1-D tensor (DoRA's m, VeRA's d and b) step at lr * lora_plus_ratio (PEFT's LoRA+)."""
+    return kind == "lora_B" or layout in (RANK, OUT)
 
 
 @dataclass(frozen=True)
@@ -48,11 +92,16 @@ class Method:
     tensors by kind.
 
     name: the ``AdapterSpec.method`` value.
-    kinds: per-module tensor kinds, in the order checkpoints and optimiser states list them.
-    frozen: kinds that are saved but never trained.
+    kinds: per-module ``(kind, layout)`` pairs, in the order checkpoints and optimiser states list
+        them; the layout (``LAYOUTS``) says how the adapters' tensors of that kind stack in the bank.
+    frozen: kinds that are saved but never trained (stored apart: ``storage_name``).
     init(spec, module, K, N, weight, generator) -> {kind: tensor}: step-0 tensors (fp32).
-    pack(spec, t, K, N, vera) -> (A_eff [R', K], B_eff [N, R']): the kernel pair, differentiable;
+    pack(t, group) -> ([A part [R, K]] * f, [B part [N, R]] * f): the kernel rows of all this
+        method's adapters on one module at once, differentiable; ``t`` holds the kinds of
+        ``kernel_kinds`` stacked in layout (R = sum of their ranks), ``group`` is a ``PackGroup``.
+        Adapter j's kernel rows are its rows of part 0, then of part 1, ... (f = kernel_factor).
         None when the method is not in the LoRA kernel (``full``).
+    kernel_kinds: the kinds ``pack`` reads.
     kernel_factor: R' = kernel_factor * r (2 for PiSSA/MiLoRA's frozen half, 0 for ``full``).
     delta(spec, module, t, weight, vera) -> fp32 [N, K]: W_eff - W, no grad.
     epilogue: None, ``"column_scale"`` (DoRA's m / ||W + sBA||_c) or ``"dense"`` (``full``'s x dW^T).
@@ -69,10 +118,11 @@ class Method:
     """
 
     name: str
-    kinds: tuple[str, ...]
+    kinds: tuple[tuple[str, str], ...]
     init: Callable
     delta: Callable
     pack: Callable | None = None
+    kernel_kinds: tuple[str, ...] = ("lora_A", "lora_B")
     kernel_factor: int = 1
     frozen: tuple[str, ...] = ()
     epilogue: str | None = None
@@ -90,45 +140,19 @@ class Method:
     def is_trainable(self, kind: str) -> bool:
         return kind not in self.frozen
 
+    @property
+    def kind_names(self) -> tuple[str, ...]:
+        return tuple(k for k, _ in self.kinds)
+
+    def layout_of(self, kind: str) -> str:
+        return dict(self.kinds)[kind]
+
     def kernel_rank(self, spec, module: str) -> int:
         """Rows of this adapter in the module's packed ``A_all`` (0: not in the kernel)."""
         return self.kernel_factor * spec.rank_for(module)
 
 
-# --- shared math --------------------------------------------------------------------------
-
-def kaiming_uniform(shape, generator: torch.Generator) -> torch.Tensor:
-    """PEFT VeRA's ``_kaiming_init``: U(-b, b), b = sqrt(3) * sqrt(2) / sqrt(shape[1])."""
-    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
-    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
-
-
-def vera_projections(rank: int, key: int, n_max: int, k_max: int):
-    """The shared frozen (A_v [r, K_max], B_v [N_max, r]) exactly as PEFT's VeraModel draws them."""
-    gen = torch.Generator(device="cpu").manual_seed(key)
-    a = kaiming_uniform((rank, k_max), gen)
-    return a, kaiming_uniform((n_max, rank), gen)
-
-
-def column_norm_sq(weight: torch.Tensor) -> torch.Tensor:
-    """||W[n, :]||^2 for every output n, fp32 [N] (DoRA's "column" norm in PEFT's [N, K] layout)."""
-    with torch.no_grad():
-        return torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
-
-
-def dora_norm(weight, lora_a, lora_b, scale: float, w_sq) -> torch.Tensor:
-    """||W + s B A||_c, fp32 [N], no gradient (PEFT detaches it).
-
-    Expanded as ||W_n||^2 + 2 s <W_n, (BA)_n> + s^2 ||(BA)_n||^2 with ``w_sq`` = ||W_n||^2 cached:
-    costs N K r, like PEFT's, but never materialises [N, K] (235 MB in fp32 for a 4096 x 14336
-    projection). With B = 0 (init) it is exactly sqrt(w_sq), so g = m / norm is exactly 1.
-    """
-    with torch.no_grad():
-        a, b = lora_a.float(), lora_b.float()
-        cross = ((weight @ lora_a.to(weight.dtype).T).float() * b).sum(1)
-        ba_sq = ((b @ (a @ a.T)) * b).sum(1)
-        return (w_sq + 2.0 * scale * cross + scale * scale * ba_sq).clamp_min(0.0).sqrt()
-
+# --- LoRA (the math shared with DoRA and VeRA is method_math.py's, re-exported here) -------
 
 def _lora_ab(spec, module, in_features, out_features, generator):
     r = spec.rank_for(module)
@@ -146,8 +170,8 @@ def _lora_delta(spec, module, t, weight, vera=None):
     return spec.scale_for(module) * (t["lora_B"].float() @ t["lora_A"].float())
 
 
-def _lora_pack(spec, t, in_features, out_features, vera=None):
-    return t["lora_A"], t["lora_B"]
+def _lora_pack(t, group):
+    return [t["lora_A"]], [t["lora_B"]]
 
 
 def _lora_peft_config(spec):
@@ -188,9 +212,9 @@ def _svd_init(bottom: bool):
     return init
 
 
-def _svd_pack(spec, t, in_features, out_features, vera=None):
+def _svd_pack(t, group):
     a, b, a0, b0 = t["lora_A"], t["lora_B"], t["lora_A0"], t["lora_B0"]
-    return torch.cat([a - a0, a0], 0), torch.cat([b, b - b0], 1)
+    return [a - a0, a0], [b, b - b0]
 
 
 def _svd_delta(spec, module, t, weight, vera=None):
@@ -230,15 +254,17 @@ def _vera_init(spec, module, in_features, out_features, weight, generator):
             "vera_lambda_b": torch.zeros(out_features)}
 
 
-def _vera_pack(spec, t, in_features, out_features, vera=None):
-    a_v, b_v = vera
-    return (t["vera_lambda_d"][:, None] * a_v[:, :in_features].to(t["vera_lambda_d"].device),
-            t["vera_lambda_b"][:, None] * b_v[:out_features].to(t["vera_lambda_b"].device))
+def _vera_pack(t, group):
+    # b is [n, N] (one row per adapter): each adapter's row scales all r of its B_v columns.
+    a_v, b_v = group.vera
+    return [t["vera_lambda_d"][:, None] * a_v], [t["vera_lambda_b"].index_select(0, group.owner).T * b_v]
 
 
 def _vera_delta(spec, module, t, weight, vera=None):
     n, k = weight.shape
-    a, b = _vera_pack(spec, t, k, n, vera)
+    a_v, b_v = vera
+    a = t["vera_lambda_d"][:, None] * a_v[:, :k].to(t["vera_lambda_d"].device)
+    b = t["vera_lambda_b"][:, None] * b_v[:n].to(t["vera_lambda_b"].device)
     return b.float() @ a.float()
 
 
@@ -263,32 +289,45 @@ def _full_delta(spec, module, t, weight, vera=None):
 
 # --- the table ----------------------------------------------------------------------------
 
-_AB = ("lora_A", "lora_B")
+_AB = (("lora_A", ROWS), ("lora_B", COLS))
 _LORA = dict(kinds=_AB, init=lambda spec, module, k, n, weight, gen: _lora_ab(spec, module, k, n, gen),
              pack=_lora_pack, delta=_lora_delta, peft_config=_lora_peft_config, to_peft=_lora_to_peft)
-_SVD = dict(kinds=_AB + ("lora_A0", "lora_B0"), frozen=("lora_A0", "lora_B0"), pack=_svd_pack,
-            delta=_svd_delta, kernel_factor=2, needs_weight=True, rank_divisor=2,
-            peft_config=_svd_peft_config, to_peft=_svd_to_peft, from_peft=_svd_from_peft)
+_SVD = dict(kinds=_AB + (("lora_A0", ROWS), ("lora_B0", COLS)), frozen=("lora_A0", "lora_B0"), pack=_svd_pack,
+            kernel_kinds=("lora_A", "lora_B", "lora_A0", "lora_B0"), delta=_svd_delta, kernel_factor=2,
+            needs_weight=True, rank_divisor=2, peft_config=_svd_peft_config, to_peft=_svd_to_peft,
+            from_peft=_svd_from_peft)
 
 _TABLE = (
     Method("lora", **_LORA),
     Method("rslora", scaling="rslora", **_LORA),
     Method("lora_plus", lora_plus_ratio=LORA_PLUS_RATIO, **_LORA),
     Method("lora_fa", frozen=("lora_A",), **_LORA),
-    Method("dora", kinds=_AB + ("lora_magnitude_vector",), init=_dora_init, pack=_lora_pack, delta=_dora_delta,
+    Method("dora", kinds=_AB + (("lora_magnitude_vector", OUT),), init=_dora_init, pack=_lora_pack, delta=_dora_delta,
            epilogue="column_scale", needs_weight=True,
            peft_config=lambda spec: {**_lora_peft_config(spec), "use_dora": True},
            to_peft=lambda t: {**_lora_to_peft(t), "lora_magnitude_vector": t["lora_magnitude_vector"]}),
     Method("pissa", init=_svd_init(bottom=False), **_SVD),
     Method("milora", init=_svd_init(bottom=True), **_SVD),
-    Method("vera", kinds=("vera_lambda_d", "vera_lambda_b"), init=_vera_init, pack=_vera_pack, delta=_vera_delta,
-           scaled=False, per_module_ranks=False, shared_projection=True, peft_config=_vera_peft_config,
-           to_peft=_vera_to_peft),
-    Method("full", kinds=("delta_weight",), init=_full_init, delta=_full_delta, kernel_factor=0,
+    Method("vera", kinds=(("vera_lambda_d", RANK), ("vera_lambda_b", OUT)), init=_vera_init, pack=_vera_pack,
+           kernel_kinds=("vera_lambda_d", "vera_lambda_b"), delta=_vera_delta, scaled=False, per_module_ranks=False,
+           shared_projection=True, peft_config=_vera_peft_config, to_peft=_vera_to_peft),
+    Method("full", kinds=(("delta_weight", DENSE),), init=_full_init, delta=_full_delta, kernel_factor=0,
            epilogue="dense", scaled=False, per_module_ranks=False),
 )
 TABLE: dict[str, Method] = {m.name: m for m in _TABLE}
 METHODS = tuple(TABLE)
+# One buffer per storage name: every method that stores a kind there must lay it out the same way.
+_BUFFER_LAYOUT: dict[str, str] = {}
+for _m in _TABLE:
+    for _kind, _layout in _m.kinds:
+        if _BUFFER_LAYOUT.setdefault(storage_name(_m, _kind), _layout) != _layout:
+            raise ValueError(f"{_m.name}: kind {_kind!r} is laid out {_layout!r} but another method stores it "
+                             f"{_BUFFER_LAYOUT[storage_name(_m, _kind)]!r}: give it another kind name")
+
+
+def buffer_layout(buffer: str) -> str:
+    """The layout of a bank buffer (``storage_name``'s result)."""
+    return _BUFFER_LAYOUT[buffer]
 
 
 def method_of(spec) -> Method:
@@ -313,14 +352,17 @@ def delta_weights(engine, i: int) -> dict[str, torch.Tensor]:
 
 
 def param_groups(engine, i: int) -> list[dict]:
-    """AdamW groups of adapter ``i``'s trainable tensors: [A-like at lr, B-like at lr * lora_plus_ratio].
+    """AdamW groups of adapter ``i``'s trainable tensors (views into the bank's buffers):
+    [A-like at lr, B-like at lr * lora_plus_ratio].
 
     Frozen tensors (LoRA-FA's A, PiSSA's A0/B0) are left out. As PEFT's LoRA+ optimiser, B and
-    every 1-D tensor (DoRA's m, VeRA's d and b) take the LoRA+ rate. Always two groups, in
-    the order plain-LoRA optimiser states were saved in.
+    every 1-D tensor (DoRA's m, VeRA's d and b) take the LoRA+ rate (``lora_plus_rate``; the
+    bank's fused AdamW, ``engine.optimizer``, uses the same rule). Always two groups, in the
+    order plain-LoRA optimiser states were saved in.
     """
     spec = engine.adapter_spec(i)
     named = {n: p for n, p in engine.bank.named_parameters_of(i).items() if p.requires_grad}
-    fast = {n for n, p in named.items() if n.endswith(".lora_B") or p.dim() == 1}
+    layout = dict(method_of(spec).kinds)
+    fast = {n for n in named if lora_plus_rate(n.rsplit(".", 1)[1], layout[n.rsplit(".", 1)[1]])}
     return [{"params": [p for n, p in named.items() if n not in fast], "lr": spec.lr},
             {"params": [p for n, p in named.items() if n in fast], "lr": spec.lr * spec.lora_plus_ratio}]

@@ -48,8 +48,7 @@ class MultiLoRAModel(nn.Module):
         self.state = RoutingState()
         self.target_modules = target_modules
         self._wrap(target_modules)
-        for spec in adapters or []:
-            self.add_adapter(spec)
+        self.add_adapters(adapters or [])
 
     def _wrap(self, targets) -> None:
         found = []
@@ -86,8 +85,19 @@ class MultiLoRAModel(nn.Module):
                              "le.AdapterSpec(rank=...)")
         return self.bank.add(spec)
 
+    def add_adapters(self, specs) -> list[int]:
+        """Add several adapters, laying the bank's buffers out once (not once per adapter)."""
+        with self.bank.deferred():
+            return [self.add_adapter(spec) for spec in specs]
+
     def remove_adapter(self, i: int) -> None:
         self.bank.remove(i)
+
+    def remove_adapters(self, ids) -> None:
+        """Remove several adapters, laying the bank's buffers out once."""
+        with self.bank.deferred():
+            for i in ids:
+                self.bank.remove(i)
 
     def adapter_parameters(self, i: int) -> list[nn.Parameter]:
         """The trainable tensors of adapter ``i`` only (A and B of every module it targets for LoRA;
@@ -112,8 +122,15 @@ class MultiLoRAModel(nn.Module):
         ids = torch.as_tensor(adapter_ids).reshape(-1)
         if ids.dtype.is_floating_point:
             raise ValueError("adapter_ids must be integers (one id per sequence, -1 = base only)")
-        present = set(self.bank.ids())
-        bad = sorted({int(i) for i in ids.cpu().tolist() if i != -1 and int(i) not in present})
+        # Vectorised membership test: one lookup table (index_select, not a Python set probe per
+        # sequence); the bad ids are listed only when there are some.
+        flat = ids.detach().cpu().long()
+        A = self.bank.num_slots
+        present = torch.zeros(A + 2, dtype=torch.bool)  # slot k + 1 for id k; A + 1: out of range
+        present[torch.tensor(self.bank.ids(), dtype=torch.long) + 1] = True
+        present[0] = True  # -1: the base model
+        ok = present.index_select(0, torch.where((flat >= -1) & (flat < A), flat + 1, A + 1))
+        bad = [] if bool(ok.all()) else sorted(set(flat[~ok].tolist()))
         if bad:
             raise ValueError(f"adapter id(s) {bad} are not in the bank (present: {sorted(present)}); "
                              "use -1 for the base model or add the adapter first")
@@ -159,14 +176,19 @@ class MultiLoRAModel(nn.Module):
             return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).last_hidden_state
 
     def logprobs_from_hidden(self, hidden, input_ids, score_mask, temperature: float = 1.0,
-                             return_entropy: bool = False):
+                             return_entropy: bool = False, targets=None):
         """``out[b, l] = log p(input_ids[b, l] | input_ids[b, :l])`` from ``hidden`` [B, L, d] where
-        ``score_mask[b, l] != 0`` (column 0 has no context and is never scored), 0 elsewhere.
+        ``score_mask[b, l] != 0`` (column 0 has no context and is never scored), 0 elsewhere. With
+        ``targets`` [B, L] (Tinker's alignment): ``out[b, l] = log p(targets[b, l] | input_ids[b, :l+1])``.
 
         Only scored positions go through the LM head (``ops.masked_token_logprobs``: no [T, V]
         logits on the GPU path). Returns logp [B, L] fp32, or (logp, entropy) with ``return_entropy``.
         """
-        res = ops.masked_token_logprobs(hidden[:, :-1], self.model.get_output_embeddings().weight,
+        head = self.model.get_output_embeddings().weight
+        if targets is not None:
+            return ops.masked_token_logprobs(hidden, head, targets, score_mask, temperature=temperature,
+                                             return_entropy=return_entropy)
+        res = ops.masked_token_logprobs(hidden[:, :-1], head,
                                         input_ids[:, 1:], score_mask[:, 1:], temperature=temperature,
                                         return_entropy=return_entropy)
         res = res if return_entropy else (res,)

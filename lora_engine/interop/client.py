@@ -17,18 +17,17 @@ when any handle calls ``optim_step``, when a result is read, or on ``client.flus
 accumulate until that adapter's ``optim_step`` (as ``loss.backward()`` would); each adapter's
 gradient is the one it would get alone, because its loss reads only its own sequences.
 
-Losses are sums over tokens (Tinker's convention; scale ``weights`` for a mean), with
-``r = exp(logp - sampling_logp)`` per token, ``w`` the token weights and ``A`` the advantages:
-
-    "importance_sampling":  -sum_bt w_bt * r_bt * A_b
-    "ppo":                  -sum_bt w_bt * min(r_bt * A_b, clip(r_bt, 1 - eps_low, 1 + eps_high) * A_b)
-    "grpo":                 "ppo" with A_b = (R_b - mean_g R) / (std_g R + 1e-4) over the group g of b
-    callable:               loss_fn(logprobs [B, L] fp32 with grad, batch) -> scalar tensor
+Losses are sums over tokens (Tinker's convention; scale ``weights`` for a mean): Tinker's
+"cross_entropy", "importance_sampling", "ppo", "cispo" and "dro" with per-token or per-sequence
+advantages and their ``loss_config`` (formulas: ``lora_engine.interop.batches``), the client's
+"grpo" ("ppo" with group-normalised rewards as advantages, on the fused policy-loss kernel; with
+``loss_type=`` any of TRL 1.16's eight loss types, TRL's normaliser instead of a sum), or a
+callable ``loss_fn(logprobs [B, L] fp32 with grad, batch) -> scalar tensor``. ``forward`` computes
+the same outputs without a gradient, in the same base forward as the queued backward work.
 """
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -37,8 +36,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_engine import ops
-from lora_engine.engine import methods, peft_format
-from lora_engine.interop.batches import LOSSES, Batch, ForwardBackwardOutput, Samples  # noqa: F401
+from lora_engine.engine import peft_format
+from lora_engine.engine.optimizer import AdapterOptimizer, BankAdamW
+from lora_engine.interop.batches import (  # noqa: F401  (LOSSES, Samples: part of this module's API)
+    LOSS_CONFIG, LOSSES, Batch, ForwardBackwardOutput, Samples, token_loss, trl_loss_config)
 from lora_engine.engine.spec import AdapterSpec
 from lora_engine.rl.advantages import group_advantages
 from lora_engine.engine.model import MultiLoRAModel
@@ -75,6 +76,7 @@ class _Work:
     loss: str | Callable
     loss_kwargs: dict
     future: ForwardBackwardFuture
+    forward_only: bool = False
 
 
 # --- handles ------------------------------------------------------------------------------------
@@ -87,7 +89,7 @@ class Adapter:
         self.id = adapter_id
         self.step = 0
         self.sample_calls = 0
-        self.optimizer: torch.optim.AdamW | None = None
+        self.optimizer: AdapterOptimizer | None = None
 
     @property
     def spec(self) -> AdapterSpec:
@@ -97,17 +99,33 @@ class Adapter:
         return self.client.engine.adapter_parameters(self.id)
 
     def forward_backward(self, batch: Batch, loss="importance_sampling", *, temperature: float = 1.0,
-                         eps_low: float = 0.2, eps_high: float = 0.2) -> ForwardBackwardFuture:
+                         eps_low: float = 0.2, eps_high: float = 0.2, loss_config: dict | None = None,
+                         loss_type: str | None = None, forward_only: bool = False) -> ForwardBackwardFuture:
         """Queue loss + gradient for this adapter on ``batch``; see the module docstring.
 
         ``temperature`` divides the logits when recomputing log-probs (use the sampling
-        temperature); ``eps_low``/``eps_high`` are the clip range of "ppo" and "grpo".
+        temperature); ``eps_low``/``eps_high`` are the clip range of "ppo" and "grpo";
+        ``loss_config``: Tinker's settings (``clip_low_threshold``/``clip_high_threshold`` for
+        "ppo"/"cispo", ``beta`` for "dro"), overriding the eps. ``loss_type`` (with loss "grpo"):
+        TRL 1.16's ``GRPOConfig.loss_type`` (``batches.trl_loss_config``). ``forward_only``: see ``forward``.
         """
-        batch.check(loss)
+        batch.check(loss, loss_config)
         fut = ForwardBackwardFuture(self.client)
+        if loss_type is not None:
+            config = trl_loss_config(loss, loss_type, loss_config)
+        else:
+            config = dict(LOSS_CONFIG.get(loss, {}) if isinstance(loss, str) else {})
+            if loss == "ppo":
+                config.update(clip_low_threshold=1.0 - eps_low, clip_high_threshold=1.0 + eps_high)
+            config.update({k: v for k, v in (loss_config or {}).items() if k in config})
         self.client._queue.append(_Work(self, batch, loss, dict(temperature=temperature, eps_low=eps_low,
-                                                                eps_high=eps_high), fut))
+                                                                eps_high=eps_high, config=config,
+                                                                loss_type=loss_type), fut, forward_only))
         return fut
+
+    def forward(self, batch: Batch, loss="cross_entropy", **kwargs) -> ForwardBackwardFuture:
+        """Queue ``forward_backward``'s outputs (loss, log-probs, metrics) with no gradient."""
+        return self.forward_backward(batch, loss, forward_only=True, **kwargs)
 
     def optim_step(self, lr: float = 1e-4, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
                    grad_clip: float | None = 1.0) -> dict:
@@ -127,11 +145,9 @@ class Adapter:
             self.optimizer = self._new_optimizer()
         for g, rate in zip(self.optimizer.param_groups, (lr, lr * self.spec.lora_plus_ratio)):
             g.update(lr=rate, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        max_norm = float("inf") if grad_clip is None else grad_clip
-        norm = float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm))
-        skipped = not math.isfinite(norm)
+        # The bank's fused AdamW on this adapter's slices alone: clipping, the non-finite skip, the step.
+        norm, skipped = self.optimizer.step(None if grad_clip is None else grad_clip)
         if not skipped:
-            self.optimizer.step()
             self.step += 1
         self.optimizer.zero_grad(set_to_none=True)
         return {"step": self.step, "grad_norm": norm, "skipped": skipped}
@@ -148,6 +164,19 @@ class Adapter:
             meta["param_groups"] = sd["param_groups"]
         (directory / STATE_FILE).write_text(json.dumps(meta, indent=2))
         return directory
+
+    def load_state(self, directory, optimizer: bool = True) -> None:
+        """Overwrite this adapter's weights with ``save_state``'s (or a PEFT directory of the same
+        spec), and its optimizer state too with ``optimizer`` (else AdamW starts afresh)."""
+        directory = Path(directory)
+        peft_format.load_adapter_weights(self.client.engine, self.id, directory)
+        for p in self.parameters():
+            p.grad = None
+        self.optimizer = None
+        if optimizer:
+            if not (directory / OPTIMIZER_FILE).exists():
+                raise ValueError(f"{directory} has no optimizer state (weights only): load it with optimizer=False")
+            self._load_optimizer(directory)
 
     def _load_optimizer(self, directory: Path) -> None:
         meta = json.loads((directory / STATE_FILE).read_text()) if (directory / STATE_FILE).exists() else {}
@@ -167,9 +196,12 @@ class Adapter:
         self.optimizer = self._new_optimizer()
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
 
-    def _new_optimizer(self) -> torch.optim.AdamW:
-        # Two groups as the trainer's: A-like tensors, then B-like ones (LoRA+ rate).
-        return torch.optim.AdamW(methods.param_groups(self.client.engine, self.id))
+    def _new_optimizer(self) -> AdapterOptimizer:
+        # This adapter's share of the bank's fused AdamW; two groups as the trainer's: A-like
+        # tensors, then B-like ones (LoRA+ rate). torch AdamW's defaults until optim_step sets them.
+        opt = BankAdamW.of(self.client.engine.bank)
+        opt.configure(self.id, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+        return opt.adapter(self.id)
 
 
 # --- the client ---------------------------------------------------------------------------------
@@ -294,46 +326,59 @@ class Client:
         attn = torch.cat([pad(w.batch.attention_mask if w.batch.attention_mask is not None
                               else torch.ones_like(w.batch.input_ids), 0) for w in queue]).to(device)
         owner = torch.cat([torch.full((w.batch.input_ids.shape[0],), w.adapter.id, dtype=torch.long) for w in queue])
-        hidden = self.engine.hidden_states(ids, attn, owner)
-        total, outputs, row = None, [], 0
-        for w in queue:
-            B, Lw = w.batch.input_ids.shape
-            weights = w.batch.weights.to(device)
-            # Scored positions: the non-zero weights (a callable loss sees every attended token).
-            keep = (attn[row:row + B, :Lw] != 0) if callable(w.loss) else (weights != 0)
-            logp = self.engine.logprobs_from_hidden(hidden[row:row + B, :Lw], ids[row:row + B, :Lw], keep,
-                                                    temperature=w.loss_kwargs["temperature"])
-            keep = keep[:, 1:]
-            row += B
-            loss, metrics = self._loss(w, logp, weights)
-            metrics["tokens"] = float(keep.sum())
-            outputs.append(ForwardBackwardOutput(float(loss.detach()), logp.detach(), metrics))
-            total = loss if total is None else total + loss
+        # Forward-only items are part of the same base forward; without backward work, no graph.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not all(w.forward_only for w in queue)):
+            hidden = self.engine.hidden_states(ids, attn, owner)
+            total, outputs, row = None, [], 0
+            for w in queue:
+                B, Lw = w.batch.input_ids.shape
+                logp = self._logprobs(w, hidden[row:row + B, :Lw], ids[row:row + B, :Lw], attn[row:row + B, :Lw])
+                keep = (attn[row:row + B, :Lw] != 0) if callable(w.loss) or w.batch.target_ids is not None \
+                    else (w.batch.weights.to(device) != 0)
+                row += B
+                loss, metrics = self._loss(w, logp, w.batch.weights.to(device))
+                metrics["tokens"] = float(keep.sum() if w.batch.target_ids is not None else keep[:, 1:].sum())
+                outputs.append(ForwardBackwardOutput(float(loss.detach()), logp.detach(), metrics))
+                if not w.forward_only:
+                    total = loss if total is None else total + loss
         if total is not None and total.requires_grad:
             total.backward()
         return outputs
+
+    def _logprobs(self, w: _Work, hidden, ids, attn) -> torch.Tensor:
+        """[B, L] log-probs of one item: of ``ids[t]`` from ``< t`` where scored (the nonzero
+        weights; every attended token for a callable loss), or of ``target_ids[t]`` from ``<= t``
+        on every attended token (Tinker's alignment, which returns them all)."""
+        T = w.loss_kwargs["temperature"]
+        if w.batch.target_ids is not None:
+            return self.engine.logprobs_from_hidden(hidden, ids, attn != 0, temperature=T,
+                                                    targets=w.batch.target_ids.to(ids.device))
+        keep = (attn != 0) if callable(w.loss) else (w.batch.weights.to(ids.device) != 0)
+        return self.engine.logprobs_from_hidden(hidden, ids, keep, temperature=T)
 
     @staticmethod
     def _loss(w: _Work, logp: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """One item's loss (a sum over tokens, see the module docstring) and its metrics."""
         if callable(w.loss):
             return w.loss(logp, w.batch), {}
+        if w.loss != "grpo":
+            return token_loss(w.loss, logp, w.batch, weights, w.loss_kwargs["config"])
         b = w.batch
-        q = b.sampling_logprobs.to(logp.device)
-        if w.loss == "importance_sampling":
-            on = weights != 0
-            ratio = torch.exp(torch.where(on, logp - q, torch.zeros_like(logp)))
-            loss = -(weights * ratio * b.advantages.to(logp.device)[:, None]).sum()
-            n = weights.sum().clamp(min=1e-12)
-            return loss, {"ratio_mean": float((ratio.detach() * weights).sum() / n)}
-        adv = b.advantages
-        if w.loss == "grpo":
-            adv = group_advantages(b.rewards, b.group_ids, scale="std")[0]
+        adv = group_advantages(b.rewards, b.group_ids, scale="std")[0]
         B, L = logp.shape
+        if w.loss_kwargs["loss_type"] is not None:  # TRL's loss of that type over this batch, normalised as TRL
+            options = dict(w.loss_kwargs["config"])
+            mcl = options.pop("max_completion_length")
+            losses, m = ops.policy_loss(logp, b.sampling_logprobs.to(logp.device), adv.to(logp.device, torch.float32),
+                                        weights, torch.zeros(B, dtype=torch.long, device=logp.device),
+                                        loss_type=w.loss_kwargs["loss_type"], eps_low=w.loss_kwargs["eps_low"],
+                                        eps_high=w.loss_kwargs["eps_high"], num_adapters=1,
+                                        max_completion_length=mcl, **options)
+            return losses[0], {"ratio_mean": float(m["ratio_mean"][0]), "clip_frac": float(m["clip_frac"][0])}
         # dr_grpo divides by B * L exactly (no clamp on the token count), so times B * L is the sum
         # over tokens for any weights, fractional ones included.
-        losses, m = ops.policy_loss(logp, q, adv.to(logp.device, torch.float32), weights,
-                                    torch.zeros(B, dtype=torch.long, device=logp.device), loss_type="dr_grpo",
+        losses, m = ops.policy_loss(logp, b.sampling_logprobs.to(logp.device), adv.to(logp.device, torch.float32),
+                                    weights, torch.zeros(B, dtype=torch.long, device=logp.device), loss_type="dr_grpo",
                                     eps_low=w.loss_kwargs["eps_low"], eps_high=w.loss_kwargs["eps_high"],
                                     num_adapters=1)
         return losses[0] * (B * L), {"ratio_mean": float(m["ratio_mean"][0]), "clip_frac": float(m["clip_frac"][0])}

@@ -59,17 +59,25 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplie
 _ROUTING_CACHE = 8
 
 
+_VERSIONED = ("dora", "pair")  # bank memo kinds whose last key element is the version counters
+
+
 class _LatestMemo(dict):
     """The bank's no-grad memo, keeping only the newest entry per slot.
 
-    Memo keys end in the weights' version counters (``("dora", module, adapter, vA, vB)``,
-    ``("packed", module, dtype, versions)``): an optimiser step bumps them, so older entries are
-    never read again. Keeping one entry per ``key[:3]`` bounds the memo by the number of modules
-    while generation still reuses each norm for every decoded token.
+    The bank's memo keys end in the weights' version counters (``("dora", module, versions)``,
+    ``("pair", module, dtype, versions)``). Keeping one entry per key less its versions bounds
+    the memo by the number of modules while generation still reuses each entry for every
+    decoded token. Version counters are not enough on their own: torch's fused AdamW
+    (transformers 5's default optimiser) updates parameters without bumping them. So every
+    forward with grad enabled clears the memo (``_SingleAdapterRouting.routing_for``): an
+    optimiser step always follows one, and no-grad forwards between two of them (one
+    generation) share the cache.
     """
 
     def __setitem__(self, key, value):
-        stale = [k for k in self if k[:3] == key[:3] and k != key]
+        slot = key[:-1] if key[0] in _VERSIONED else key
+        stale = [k for k in self if k[0] in _VERSIONED and k[:-1] == slot and k != key]
         for k in stale:
             del self[k]
         super().__setitem__(key, value)
@@ -85,9 +93,14 @@ class _SingleAdapterRouting(RoutingState):
     def __init__(self):
         super().__init__()
         self.set(torch.zeros(1, dtype=torch.long), 1)
+
+    def set(self, adapter_ids, num_slots: int) -> None:
+        super().set(adapter_ids, num_slots)
         self.memo = _LatestMemo()
 
     def routing_for(self, batch: int, seq_len: int, device):
+        if torch.is_grad_enabled() and self.memo:
+            self.memo.clear()  # weights may change after this pass (see _LatestMemo)
         key = (batch, seq_len, str(device))
         if key not in self._cache:
             if len(self._cache) >= _ROUTING_CACHE:

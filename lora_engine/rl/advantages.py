@@ -19,11 +19,11 @@ with ``std_g`` the *unbiased* (Bessel-corrected, n-1) standard deviation, ``eps 
 skipped sample (reward None/NaN) excluded from its group's mean and std and given advantage 0.
 
 Per-token rewards (study C, reward density vs rank): the reward arrives as *deposits* ``[B, L]`` on some tokens.
-Sparse deposits (an outcome reward on the last token, a process reward per step) become
-return-to-go (:func:`token_returns`); dense deposits (a per-token distillation reward) are used
-as they are. :func:`deposit_advantages` branches on the measured deposit density of each
-group, never on the name of the reward, then normalises per group over tokens
-(:func:`token_advantages`).
+:func:`deposit_advantages` branches on the measured deposit density of each group, never on the
+name of the reward: sparse deposits (an outcome reward on the last token, a process reward per
+step) are normalised over the group's deposits and summed into a return-to-go (DeepSeekMath
+4.1.3, :func:`token_returns`); dense deposits (a per-token distillation reward) are normalised
+per token over the group (:func:`token_advantages`).
 """
 from __future__ import annotations
 
@@ -231,15 +231,25 @@ def token_advantages(
     return adv.to(torch.float32), {"n_groups": G, **_mean_std("adv", adv[m])}
 
 
-def deposit_density(deposits: torch.Tensor, mask: torch.Tensor, group_ids=None) -> torch.Tensor:
-    """Share of valid tokens that carry a non-zero deposit.
+def _placed(deposits: torch.Tensor, m: torch.Tensor, placed) -> torch.Tensor:
+    """Where rewards were deposited: ``placed`` [B, L] (an explicit 0 is a deposit too: a wrong
+    answer's outcome), else the non-zero entries; always within the mask."""
+    if placed is None:
+        return (deposits != 0) & m
+    if placed.shape != deposits.shape:
+        raise ValueError(f"placed must have the shape of deposits {tuple(deposits.shape)}, got {tuple(placed.shape)}")
+    return placed.to(m.device, torch.bool) & m
+
+
+def deposit_density(deposits: torch.Tensor, mask: torch.Tensor, group_ids=None, placed=None) -> torch.Tensor:
+    """Share of valid tokens that carry a deposit (``placed``, default: a non-zero value).
 
     Returns a 0-d tensor for the batch, or ``[B]`` (each row gets its group's density) when
     ``group_ids [B]`` is given. An outcome reward has density 1/length, a process reward
-    steps/length, a per-token distillation reward ~1.
+    steps/length, a per-token distillation reward 1.
     """
     m = _check_token_inputs(deposits, mask, "deposits")
-    hit = (deposits != 0) & m
+    hit = _placed(deposits, m, placed)
     if group_ids is None:
         return hit.sum().double() / m.sum().clamp_min(1).double()
     gid = _as_ids(group_ids, deposits.shape[0], "group_ids")
@@ -251,33 +261,65 @@ def deposit_density(deposits: torch.Tensor, mask: torch.Tensor, group_ids=None) 
     return (hits / valid.clamp_min(1))[inv]
 
 
+# Dense above this density: more than one deposit per two valid tokens. An outcome reward (one
+# deposit per row) is sparse from two tokens on, a process reward whenever its steps average two
+# tokens or more, a per-token distillation reward (density 1) is dense.
+DENSE_THRESHOLD = 0.5
+
+
 def deposit_advantages(
     deposits: torch.Tensor,
     mask: torch.Tensor,
     group_ids,
-    dense_threshold: float = 0.5,
+    placed=None,
+    dense_threshold: float = DENSE_THRESHOLD,
     gamma: float = 1.0,
     scale: str = "std",
     eps: float = 1e-4,
 ) -> tuple[torch.Tensor, dict]:
     """Per-token advantages from per-token deposits, branching on deposit density (study C).
 
-    Per group: density > ``dense_threshold`` -> the deposits themselves are the per-token
-    values (dense, e.g. distillation ``r_t = log pi_T - log pi``); otherwise the return-to-go
-    :func:`token_returns` (sparse: outcome, process). Then :func:`token_advantages`
-    normalises per group. Groups of different regimes can share a batch (one adapter per regime).
+    Per group g (one adapter, one prompt), with D_g its deposits (the ``placed`` tokens of its rows):
 
-    Args: ``deposits [B, L]``, ``mask [B, L]``, ``group_ids [B]``, ``dense_threshold`` in [0, 1),
-    ``gamma`` for the return-to-go, ``scale``/``eps`` as in :func:`token_advantages`.
-    Returns: ``advantages [B, L]`` float32; ``stats`` of :func:`token_advantages` plus
-    ``frac_dense_rows`` and ``deposit_density`` (batch).
+    - sparse (density <= ``dense_threshold``), DeepSeekMath 4.1.3 process supervision: normalise
+      each deposit over the group's deposits, ``d~ = (d - mean(D_g)) / (std(D_g) + eps)``, then
+      the return-to-go of the normalised deposits, ``A_bt = sum_{s >= t} gamma^(s-t) d~_bs``. One
+      outcome deposit per row gives every token exactly :func:`group_advantages`' value.
+    - dense (density > ``dense_threshold``, e.g. distillation ``r_t = log pi_T - log pi``): per-token
+      group normalisation of the deposits themselves (0 on unplaced valid tokens),
+      :func:`token_advantages`.
+
+    The branch reads the measured density only, never the name of the reward; groups of either
+    kind can share a batch (one adapter per regime). std is unbiased, NaN (hence 0) below two
+    deposits or tokens, as in TRL; ``scale="none"`` only centres.
+
+    Args: ``deposits [B, L]``, ``mask [B, L]``, ``group_ids [B]``, ``placed [B, L]`` bool (default:
+    the non-zero deposits; pass it when a deposit may be exactly 0), ``dense_threshold`` in
+    [0, 1), ``gamma`` in (0, 1], ``scale``, ``eps``.
+    Returns: ``advantages [B, L]`` float32 (0 under mask 0); ``stats``: ``n_groups``,
+    ``adv_mean``, ``adv_std`` (over valid tokens), ``frac_dense_rows``, ``deposit_density`` (batch).
     """
     if not 0.0 <= dense_threshold < 1.0:
         raise ValueError(f"dense_threshold must be in [0, 1), got {dense_threshold}")
-    dense = deposit_density(deposits, mask, group_ids) > dense_threshold
-    returns = token_returns(deposits, mask, gamma)
-    values = torch.where(dense[:, None], deposits.detach().to(torch.float32), returns)
-    adv, stats = token_advantages(values, mask, group_ids, scale=scale, eps=eps)
-    stats["frac_dense_rows"] = float(dense.double().mean()) if dense.numel() else 0.0
-    stats["deposit_density"] = float(deposit_density(deposits, mask))
+    _check_scale(scale)
+    m = _check_token_inputs(deposits, mask, "deposits")
+    hit = _placed(deposits, m, placed)
+    B, L = deposits.shape
+    gid = _as_ids(group_ids, B, "group_ids")
+    dense = deposit_density(deposits, m, gid, placed=hit) > dense_threshold
+    _, inv_row = torch.unique(gid, return_inverse=True)
+    G = int(inv_row.max()) + 1 if B else 0
+    inv_row = inv_row.to(deposits.device)
+    d = torch.where(hit, deposits.detach().to(torch.float64), torch.zeros((), dtype=torch.float64, device=m.device))
+    _, mean, std = _group_moments(d.reshape(-1), hit.reshape(-1), inv_row[:, None].expand(B, L).reshape(-1), G)
+    norm = d - mean[inv_row][:, None]
+    if scale == "std":
+        norm = norm / (std[inv_row][:, None] + eps)
+    norm = torch.where(hit, torch.nan_to_num(norm, nan=0.0), torch.zeros_like(norm))
+    sparse_adv = token_returns(norm, m, gamma)
+    dense_adv, _ = token_advantages(d, m, gid, scale=scale, eps=eps)
+    adv = torch.where(dense.to(m.device)[:, None], dense_adv, sparse_adv)
+    stats = {"n_groups": G, **_mean_std("adv", adv[m].double()),
+             "frac_dense_rows": float(dense.double().mean()) if dense.numel() else 0.0,
+             "deposit_density": float(deposit_density(deposits, m, placed=hit))}
     return adv, stats

@@ -2,6 +2,9 @@
 
     OUT/checkpoints/step_000050/adapter_<id>/   the adapter in PEFT format (``peft_format.save_adapter``)
                                optimizers.pt    {str(id): AdamW state_dict}
+                               critic_<id>/     PPO: policy id's critic LoRA in PEFT format
+                               critics.pt       PPO: {"optimizers": {str(policy id): critic AdamW
+                                                state_dict}, "heads": the value heads' state}
                                state.json       {"step", "tokens", "config"}
     OUT/checkpoints/latest                      the name of the newest complete checkpoint
 
@@ -19,11 +22,16 @@ from pathlib import Path
 from lora_engine.atomic import write_text_atomic
 
 DIRNAME, LATEST = "checkpoints", "latest"
-STATE_FILE, OPTIMIZERS_FILE = "state.json", "optimizers.pt"
+STATE_FILE, OPTIMIZERS_FILE, CRITICS_FILE = "state.json", "optimizers.pt", "critics.pt"
 
 
 def adapter_dir(ckpt, a: int) -> Path:
     return Path(ckpt) / f"adapter_{a}"
+
+
+def critic_dir(ckpt, a: int) -> Path:
+    """Where policy ``a``'s critic adapter lives (PPO)."""
+    return Path(ckpt) / f"critic_{a}"
 
 
 def adapter_dirs(ckpt) -> dict[int, Path]:

@@ -22,10 +22,14 @@ from typing import Any
 
 from lora_engine.checks import check_types
 from lora_engine.engine.spec import AdapterSpec
-from lora_engine.kernels.policy_loss import LOSS_OPTION_DEFAULTS, LOSS_TYPES, check_loss_options
+from lora_engine.kernels.policy_loss import (LOSS_OPTION_DEFAULTS, LOSS_TYPES, SEQUENCE_ADVANTAGE_ONLY,
+                                             check_loss_options)
 from lora_engine.rl.answers import EXTRACTORS
 from lora_engine.rl.models import DTYPES
+from lora_engine.rl.ppo import KL_KINDS
+from lora_engine.rl.prm import PRM_KINDS
 from lora_engine.rl.tasks.scoring import SCORERS
+from lora_engine.rl.token_rewards import REGIMES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,7 +40,7 @@ else:  # pragma: no cover
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a GRPO run over several concurrent adapters needs. See examples/tiny.toml.
+    """Everything a GRPO or PPO run over several concurrent adapters needs. See examples/tiny.toml.
 
     Every field's type is checked when the config is built; a bad value is a one-line
     ``ValueError`` naming the fix.
@@ -67,6 +71,7 @@ class TrainConfig:
     few_shot: int = 0                          # worked examples from the train split shown before each question
     few_shot_examples: tuple[tuple[str, str], ...] = ()  # your own [question, reply] pairs, shown first
     # --- objective ----------------------------------------------------------------------------
+    algorithm: str = "grpo"                    # "grpo" (group-normalised advantages) or "ppo" (a critic per adapter)
     loss_type: str = "dapo"                    # TRL 1.16's, per adapter: grpo bnpo dr_grpo dapo cispo sapo luspo vespo
     eps_low: float = 0.2                       # clip range [1 - eps_low, 1 + eps_high] of the ratio
     eps_high: float = 0.2                      # (cispo: the ratio's cap itself; TRL suggests 5.0)
@@ -89,6 +94,28 @@ class TrainConfig:
     format_weight: float = 0.0                 # x boxed_format_reward (+bonus for one box, -penalty for none)
     length_weight: float = 0.0                 # coef of rewards.length_penalty (DAPO's soft overlong penalty)
     length_buffer: int = 0                     # the penalty ramps over this many tokens before the cap; 0 = cap/5
+    # --- PPO (algorithm = "ppo"; rl/ppo_step.py, verl's definitions) ----------------------------
+    critic_rank: int = 0                       # rank of each policy's critic LoRA (0: the policy's rank)
+    critic_lr: float = 0.0                     # the critic's and its value head's lr (0: the policy's lr)
+    critic_warmup_steps: int = 0               # the first N steps update the critics only
+    vf_coef: float = 1.0                       # x the value loss (before the critic's gradient clipping)
+    value_clip: float = 0.5                    # clipped value loss range around the old values (verl's
+                                               # cliprange_value); 0 = the plain squared error
+    gamma: float = 1.0                         # GAE discount (verl's default)
+    lam: float = 1.0                           # GAE lambda (verl's default)
+    kl_penalty: str = "reward"                 # where beta's KL goes: "reward" (per token, verl / OpenRLHF)
+                                               # or "loss" (the policy loss's k3, as GRPO)
+    kl_estimator: str = "kl"                   # the in-reward estimator: kl (k1), abs, mse, low_var_kl (k3)
+    whiten_advantages: bool = True             # whiten GAE advantages over each adapter's tokens (verl)
+    # --- token-level rewards (rl.token_rewards; study C) --------------------------------------
+    reward_regime: str | tuple[str, ...] = "outcome"  # outcome | process | distillation; one for all or one per adapter
+    dense_threshold: float = 0.5               # deposits per valid token above which a group is dense
+                                               # (per-token normalisation), else sparse (return-to-go)
+    prm_model: str = "tiny"                    # process: "tiny" (rl.tiny_judges) or a local PRM folder
+    prm_kind: str = ""                         # math_shepherd | classifier ("": the PRM's prm.json, else math_shepherd)
+    prm_step_tag: str = ""                     # math_shepherd's tag ("": prm.json's, else Math-Shepherd's " ки")
+    step_separator: str = ""                   # where steps end ("": prm.json's, else "\n")
+    teacher_model: str = "tiny"                # distillation: "tiny" or a local folder with the student's vocabulary
     # --- optimisation -------------------------------------------------------------------------
     steps: int = 40                            # training steps (rollout + update each)
     inner_updates: int = 1                     # optimiser steps per rollout batch (> 1: PPO-style reuse)
@@ -112,7 +139,7 @@ class TrainConfig:
             raise ValueError("adapters must be a list of [[adapters]] tables, each with a rank")
         specs = tuple(a if isinstance(a, AdapterSpec) else _spec(a) for a in self.adapters)
         object.__setattr__(self, "adapters", specs)
-        for name in ("target_modules", "prompts_per_step", "answer_extractors"):
+        for name in ("target_modules", "prompts_per_step", "answer_extractors", "reward_regime"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         if isinstance(self.few_shot_examples, list):
@@ -123,6 +150,16 @@ class TrainConfig:
         if isinstance(pps, tuple) and len(pps) != len(specs):
             raise ValueError(f"prompts_per_step has {len(pps)} entries for {len(specs)} adapters: give one "
                              "number for all adapters or one per adapter")
+        regimes = self.reward_regime if isinstance(self.reward_regime, tuple) else (self.reward_regime,)
+        if isinstance(self.reward_regime, tuple) and len(regimes) != len(specs):
+            raise ValueError(f"reward_regime has {len(regimes)} entries for {len(specs)} adapters: give one regime "
+                             "for all adapters or one per adapter")
+        if any(r not in REGIMES for r in regimes):
+            raise ValueError(f"reward_regime must be one of {REGIMES} (or a list of them), got {self.reward_regime!r}")
+        if not 0 <= self.dense_threshold < 1:
+            raise ValueError(f"dense_threshold must be in [0, 1) (deposits per valid token), got {self.dense_threshold}")
+        if self.prm_kind not in ("",) + PRM_KINDS:
+            raise ValueError(f"prm_kind must be one of {PRM_KINDS} (or empty: the PRM's own), got {self.prm_kind!r}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {tuple(LOSS_TYPES)}, got {self.loss_type!r}")
         check_loss_options(**self.loss_options)
@@ -151,7 +188,11 @@ class TrainConfig:
         if self.length_buffer > self.max_new_tokens:
             raise ValueError(f"length_buffer must be <= max_new_tokens ({self.max_new_tokens}), "
                              f"got {self.length_buffer}")
-        if self.samples_per_prompt < 2:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.algorithm == "ppo":
+            _check_ppo(self)
+        elif self.samples_per_prompt < 2:
             raise ValueError("samples_per_prompt must be >= 2: group-normalised advantages need a group")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -173,6 +214,12 @@ class TrainConfig:
         return {k: getattr(self, k) for k in LOSS_OPTION_DEFAULTS}
 
     @property
+    def regime_per_adapter(self) -> tuple[str, ...]:
+        """The reward regime of each adapter, in ``adapters`` order."""
+        r = self.reward_regime
+        return r if isinstance(r, tuple) else (r,) * len(self.adapters)
+
+    @property
     def prompts_per_adapter(self) -> tuple[int, ...]:
         """Prompts per step of each adapter, in ``adapters`` order."""
         pps = self.prompts_per_step
@@ -182,6 +229,34 @@ class TrainConfig:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["adapters"] = [a.to_dict() for a in self.adapters]
         return d
+
+
+ALGORITHMS = ("grpo", "ppo")
+
+
+def _check_ppo(cfg: TrainConfig) -> None:
+    if cfg.loss_type in SEQUENCE_ADVANTAGE_ONLY:  # PPO's GAE advantages are per token
+        raise ValueError(f"loss_type {cfg.loss_type!r} weighs each sequence by one factor and needs one advantage "
+                         "per sequence, but algorithm = \"ppo\" gives one per token: use another loss_type "
+                         "(e.g. \"dapo\") or algorithm = \"grpo\"")
+    if cfg.drop_zero_variance:
+        raise ValueError("drop_zero_variance is for GRPO's groups: set drop_zero_variance = false with algorithm = \"ppo\"")
+    for name in ("critic_rank", "critic_warmup_steps"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {getattr(cfg, name)}")
+    for name in ("critic_lr", "value_clip"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be >= 0 (0: {'the policy lr' if name == 'critic_lr' else 'no clipping'}), "
+                             f"got {getattr(cfg, name)}")
+    if not cfg.vf_coef > 0:
+        raise ValueError(f"vf_coef must be > 0, got {cfg.vf_coef}")
+    for name in ("gamma", "lam"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
+    if cfg.kl_penalty not in ("reward", "loss"):
+        raise ValueError(f"kl_penalty must be \"reward\" (per-token KL in the reward) or \"loss\", got {cfg.kl_penalty!r}")
+    if cfg.kl_estimator not in KL_KINDS:
+        raise ValueError(f"kl_estimator must be one of {KL_KINDS}, got {cfg.kl_estimator!r}")
 
 
 # Keys older configs used, and what they are now.

@@ -1,4 +1,4 @@
-"""Evaluation metrics over sampled completions: unbiased pass@k and avg@k."""
+"""Evaluation metrics over sampled completions: unbiased pass@k and avg@k; the end-of-run table."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -52,12 +52,32 @@ class RewardLog:
         self.format = format_ok(completions)
         self.stats = stats
 
-    def row(self, adapter: int, rows) -> dict:
-        """Log fields of ``adapter`` (its sample indices ``rows``): ``reward_<part>`` means that sum to
-        reward_mean, ``format_rate``, and ``verify_timeouts/errors/skipped`` (a timeout is a hostile
-        or runaway completion, scored 0)."""
-        out = {f"reward_{k}": float(v[rows].mean()) for k, v in self.parts.items()}
-        out["format_rate"] = float(self.format[rows].mean())
-        counts = self.stats[adapter].as_dict() if adapter in self.stats else {}
-        out.update({f"verify_{k}": counts.get(k, 0) for k in ("timeouts", "errors", "skipped")})
+    def columns(self, ids, num_slots: int) -> dict:
+        """Per-slot means over the rows' adapter ids ``ids`` (a segmented sum, index_add, not a pass
+        per adapter): ``reward_<part>`` (they sum to reward_mean) and ``format_rate``."""
+        import torch
+
+        n = torch.bincount(ids, minlength=num_slots).double()
+
+        def mean(x):
+            return torch.zeros(num_slots, dtype=torch.float64).index_add_(0, ids, x.double()) / n
+
+        out = {f"reward_{k}": mean(v) for k, v in self.parts.items()}
+        out["format_rate"] = mean(self.format)
         return out
+
+    def counts(self, adapter: int) -> dict:
+        """``verify_timeouts/errors/skipped`` of ``adapter``'s samples this step (a timeout is a
+        hostile or runaway completion, scored 0)."""
+        counts = self.stats[adapter].as_dict() if adapter in self.stats else {}
+        return {f"verify_{k}": counts.get(k, 0) for k in ("timeouts", "errors", "skipped")}
+
+
+def print_summary(summary: dict, ranks: Sequence[int]) -> None:
+    """The held-out accuracy table a training run prints at its end (``summary.json``'s numbers)."""
+    print(f"\nheld-out greedy accuracy (base model: {summary['base']:.3f})")
+    print(f"{'adapter':>8} {'rank':>5} {'initial':>8} {'final':>8} {'gain':>8} {'tokens':>10}")
+    for i, rank in enumerate(ranks):
+        ini, fin = summary["initial"][str(i)]["pass@1"], summary["final"][str(i)]["pass@1"]
+        print(f"{i:>8} {rank:>5} {ini:>8.3f} {fin:>8.3f} {fin - ini:>+8.3f} "
+              f"{summary['tokens'].get(str(i), 0):>10}")

@@ -38,6 +38,19 @@ class Rollouts:
     prompt_len: int                 # P
     prompt_tokens: torch.Tensor     # [B] real (unpadded) prompt lengths
 
+    def select(self, idx: torch.Tensor) -> "Rollouts":
+        """The rows ``idx`` (same prompt width P and completion width C); self for every row in order."""
+        B = self.input_ids.shape[0]
+        if idx.numel() == B and bool((idx.cpu() == torch.arange(B)).all()):
+            return self
+        def take(t):
+            return t[idx.to(t.device)]
+        return Rollouts(input_ids=take(self.input_ids), attention_mask=take(self.attention_mask),
+                        completion_ids=take(self.completion_ids), completion_mask=take(self.completion_mask),
+                        sampling_logp=take(self.sampling_logp), truncated=take(self.truncated),
+                        adapter_ids=take(self.adapter_ids), prompt_len=self.prompt_len,
+                        prompt_tokens=take(self.prompt_tokens))
+
 
 def left_pad(token_lists: list[list[int]], pad_id: int, device, width: int | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -88,8 +88,9 @@ def build_tokenizer():
     )
 
 
-def make_model(tokenizer, seed: int = TINY_RECIPE["seed"]):
-    """A randomly initialised Qwen3 of the recipe's size for ``tokenizer`` (seeded, RNG-neutral)."""
+def make_model(tokenizer, seed: int = TINY_RECIPE["seed"], sizes: dict | None = None):
+    """A randomly initialised Qwen3 of the recipe's size (or ``sizes``, Qwen3Config fields) for
+    ``tokenizer`` (seeded, RNG-neutral)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(
@@ -97,7 +98,7 @@ def make_model(tokenizer, seed: int = TINY_RECIPE["seed"]):
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        **TINY_RECIPE["model"],
+        **(TINY_RECIPE["model"] if sizes is None else sizes),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

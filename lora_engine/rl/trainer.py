@@ -13,12 +13,11 @@ where AGG is TRL's ``loss_type`` (grpo | bnpo | dr_grpo | dapo | luspo; cispo, s
 replace the clipped term by their own surrogates, ``kernels.policy_loss.naive``) taken over
 adapter a's own sequences and tokens only; ``kl_correction`` multiplies k3 by r_it (TRL's
 ``use_bias_correction_kl``). Groups dropped by ``drop_zero_variance`` leave every normaliser.
-R_i = task correctness (+ format bonus, + length penalty). The
-trainer minimises sum_a L_a: the gradient is block-diagonal, so every adapter gets exactly the
-update it would get alone, with its own AdamW (lr, LoRA+ ratio for B, weight decay), its own
-gradient clipping, and a NaN/inf in one adapter skips only that adapter's step.
-
+R_i = task correctness (+ format, + length); process / distillation rewards give A_it (rl.token_rewards).
+sum_a L_a has a block-diagonal gradient: each adapter gets the update it gets alone, with its own
+AdamW, clipping and NaN skip.
 One step: rollout -> rewards -> advantages -> old/ref log-probs -> fused loss -> per-adapter step.
+``algorithm = "ppo"`` replaces the advantages by a critic per adapter (``rl.ppo_step``).
 """
 from __future__ import annotations
 
@@ -31,18 +30,21 @@ import torch
 
 from lora_engine import ops
 from lora_engine.kernels.policy_loss import METRIC_NAMES, loss_normalisers
-from lora_engine.engine import methods
-from lora_engine.rl.advantages import group_advantages, make_group_ids
+from lora_engine.engine.optimizer import AdapterOptimizer, BankAdamW
+from lora_engine.rl.advantages import make_group_ids
 from lora_engine.rl import checkpoints
 from lora_engine.rl.config import TrainConfig, save_config, upgrade_saved_config
 from lora_engine.rl.models import load_base
 from lora_engine.engine.model import MultiLoRAModel
 from lora_engine.engine.peft_format import load_adapter_weights, save_adapter
+from lora_engine.rl.metrics import print_summary
+from lora_engine.rl.ppo_step import PPOStep
 from lora_engine.rl.rollout import Rollouts, generate
 from lora_engine.rl.metrics import RewardLog, format_ok
 from lora_engine.rl.rewards import RewardStats, study_reward
 from lora_engine.rl.runinfo import run_info
 from lora_engine.rl.tasks import score_problems, stop_ids, task_from_config
+from lora_engine.rl.token_rewards import TokenRewards, advantage_std
 
 
 class GRPOTrainer:
@@ -54,15 +56,20 @@ class GRPOTrainer:
         self.engine = MultiLoRAModel(model, list(cfg.adapters), target_modules=cfg.target_modules)
         self.ids = self.engine.adapter_ids
         self.task = task if task is not None else task_from_config(cfg)
+        self.token_rewards = TokenRewards(cfg, tokenizer, next(model.parameters()).device)
         self.optimizers = {a: self._make_optimizer(a) for a in self.ids}
+        # algorithm = "ppo": a critic per policy joins the bank after the policies (ids stay 0..n-1)
+        self.ppo = PPOStep(self) if cfg.algorithm == "ppo" else None
         self.step_idx = 0
         self.tokens = {a: 0 for a in self.ids}
         self.out = Path(cfg.output_dir)
 
-    def _make_optimizer(self, a: int) -> torch.optim.Optimizer:
-        """AdamW over adapter a's trainable tensors; B (and 1-D vectors) at lr x LoRA+ ratio."""
-        spec = self.engine.adapter_spec(a)
-        return torch.optim.AdamW(methods.param_groups(self.engine, a), weight_decay=spec.weight_decay)
+    def _make_optimizer(self, a: int) -> AdapterOptimizer:
+        """Adapter a's share of the bank's one fused AdamW (``engine.optimizer``): its lr, B (and
+        1-D vectors) at lr x LoRA+ ratio, its weight decay, its own state."""
+        opt = BankAdamW.of(self.engine.bank)
+        opt.configure_from_spec(a, self.engine.adapter_spec(a))
+        return opt.adapter(a)
 
     # -- 1. rollout ---------------------------------------------------------------------
     def _seed(self, a: int, step: int, stream: int) -> int:
@@ -118,14 +125,15 @@ class GRPOTrainer:
 
     # -- 5. one training step -----------------------------------------------------------
     def step(self, step: int) -> dict[int, dict]:
+        if self.ppo is not None:
+            return self.ppo.step(step)
         cfg = self.cfg
         t0 = time.perf_counter()
         problems, prompt_of, ro = self.rollout(step)
         reward, correct = self.rewards(problems, ro)
         adapter_ids = ro.adapter_ids
         groups = make_group_ids(adapter_ids, torch.tensor(prompt_of))
-        adv, keep, _ = group_advantages(reward, groups, scale=cfg.scale_rewards,
-                                        drop_zero_variance=cfg.drop_zero_variance)
+        adv, keep = self.token_rewards.advantages(problems, ro, reward, groups)  # [B], or [B, C] (rl.token_rewards)
         mask = ro.completion_mask.float() * keep.float()[:, None].to(ro.completion_mask.device)
         device = ro.input_ids.device
         adv, ids_dev = adv.to(device), adapter_ids.to(device)
@@ -147,14 +155,19 @@ class GRPOTrainer:
             total = torch.zeros(A, device=device)
             metrics = None
             for idx in chunks:
-                sub = self._select(ro, idx)
+                sub = ro.select(idx)
                 logp, ent = self.token_logprobs(sub, sub.adapter_ids, entropy=True)
                 entropy[idx] = ent.detach()
-                losses, m = ops.policy_loss(
-                    logp, old[idx] if old is not None else logp.detach(), adv[idx], mask[idx], ids_dev[idx],
+                # Only this micro-batch's adapters, by compact ids scattered back into [A]: the CPU
+                # reference loops over the adapters it is given (1,024 per micro-batch otherwise).
+                here, local = torch.unique(ids_dev[idx], return_inverse=True)
+                part, m = ops.policy_loss(
+                    logp, old[idx] if old is not None else logp.detach(), adv[idx], mask[idx], local,
                     ref_logp=ref[idx] if ref is not None else None, loss_type=cfg.loss_type,
                     eps_low=cfg.eps_low, eps_high=cfg.eps_high, delta=cfg.delta, beta=cfg.beta,
-                    num_adapters=A, max_completion_length=cfg.max_new_tokens, **cfg.loss_options)
+                    num_adapters=here.numel(), max_completion_length=cfg.max_new_tokens, **cfg.loss_options)
+                losses = part.new_zeros(A).index_add(0, here, part)
+                m = {k: v.new_zeros(A).index_copy(0, here, v) for k, v in m.items()}
                 loss_den, tok_den = self._normalisers(ids_dev[idx], mask[idx], A)
                 w_loss, w_tok = loss_den / full_loss_den, tok_den / full_tok_den
                 (losses * w_loss).sum().mul(cfg.loss_scale or 1.0).backward()
@@ -165,11 +178,8 @@ class GRPOTrainer:
                 self._unscale_grads(cfg.loss_scale)
             if metrics is None:  # every group dropped: nothing to learn from this batch
                 metrics = {k: torch.zeros(A, device=device) for k in METRIC_NAMES}
-            for a in self.ids:
-                norm = self._adapter_step(a, total[a])
-                grad_norms[a] = norm
-                if not math.isfinite(norm):
-                    skipped.add(a)
+            grad_norms = self._bank_step(total)
+            skipped |= {a for a, n in grad_norms.items() if not math.isfinite(n)}
         wall = time.perf_counter() - t0
         return self._step_metrics(step, ro, reward, correct, adv, keep, mask, entropy, metrics,
                                   grad_norms, skipped, wall)
@@ -180,26 +190,12 @@ class GRPOTrainer:
         n = self.cfg.micro_batch_size or max(len(rows), 1)
         return [rows[i:i + n] for i in range(0, len(rows), n)]
 
-    @staticmethod
-    def _select(ro: Rollouts, idx: torch.Tensor) -> Rollouts:
-        """The rows idx of a rollout batch (same prompt width P and completion width C)."""
-        B = ro.input_ids.shape[0]
-        if idx.numel() == B and bool((idx.cpu() == torch.arange(B)).all()):  # every row, in order
-            return ro
-        def take(t):
-            return t[idx.to(t.device)]
-        return Rollouts(input_ids=take(ro.input_ids), attention_mask=take(ro.attention_mask),
-                        completion_ids=take(ro.completion_ids), completion_mask=take(ro.completion_mask),
-                        sampling_logp=take(ro.sampling_logp), truncated=take(ro.truncated),
-                        adapter_ids=take(ro.adapter_ids), prompt_len=ro.prompt_len,
-                        prompt_tokens=take(ro.prompt_tokens))
-
     def _stitch(self, ro: Rollouts, chunks, base: bool) -> torch.Tensor:
         """[B, C] log-probs of the whole batch computed one micro-batch at a time (no grad):
         each row's own adapter, or with ``base`` the base model (the reference policy)."""
         out = torch.zeros(ro.completion_mask.shape, device=ro.input_ids.device)
         for idx in chunks:
-            sub = self._select(ro, idx)
+            sub = ro.select(idx)
             ids = torch.full_like(sub.adapter_ids, -1) if base else sub.adapter_ids
             out[idx] = self.token_logprobs(sub, ids)
         return out
@@ -214,40 +210,48 @@ class GRPOTrainer:
         """Per adapter: cfg.loss_type's loss normaliser and the metrics' token count over these rows."""
         return loss_normalisers(ids, mask, A, self.cfg.loss_type, self.cfg.max_new_tokens)
 
-    def _adapter_step(self, a: int, loss: torch.Tensor) -> float:
-        """Clip and step adapter a alone; a non-finite loss or gradient skips its step."""
-        params = self.engine.adapter_parameters(a)
-        opt = self.optimizers[a]
-        norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
-        if math.isfinite(norm) and torch.isfinite(loss):
-            opt.step()
-        else:
-            norm = float("nan")
-        opt.zero_grad(set_to_none=True)
-        return norm
+    def _bank_step(self, losses: torch.Tensor) -> dict[int, float]:
+        """Clip and step every adapter at once, each on its own gradient norm (one fused AdamW
+        over the bank); a non-finite loss or gradient skips that adapter alone, its weights and
+        optimiser state untouched. Returns {adapter: gradient norm} (nan where skipped)."""
+        opt = BankAdamW.of(self.engine.bank)
+        bad = ~torch.isfinite(losses.detach()).cpu()
+        norms = opt.step(self.ids, self.cfg.max_grad_norm, skip=bad)
+        opt.zero_grad()
+        norms[bad] = float("nan")
+        return dict(zip(self.ids, norms[self.ids].tolist()))
 
     def _step_metrics(self, step, ro, reward, correct, adv, keep, mask, entropy, metrics, grad_norms,
                       skipped, wall) -> dict[int, dict]:
-        out = {}
-        ids = ro.adapter_ids
-        clen = ro.completion_mask.sum(-1).cpu().float()
+        """One log row per adapter; every statistic is a segmented sum over the batch's rows by
+        adapter id (index_add), not a pass over the batch per adapter."""
+        A = self.engine.bank.num_slots
+        ids = ro.adapter_ids.cpu().long()
+        clen = ro.completion_mask.sum(-1).cpu().double()
+        n = torch.bincount(ids, minlength=A).double()
+
+        def total(x):
+            return torch.zeros(A, dtype=torch.float64).index_add_(0, ids, x.detach().cpu().double())
+
+        def std(x):  # unbiased, as torch.std: nan for a single row
+            return (total((x.detach().cpu().double() - (total(x) / n).index_select(0, ids)) ** 2) / (n - 1)).sqrt()
+
+        m = mask.detach().cpu().double()
+        ent = total((entropy.detach().cpu().double() * m).sum(-1)) / total(m.sum(-1)).clamp_min(1)
+        tok = (total(ro.prompt_tokens) + total(clen)).long().tolist()
+        cols = {"reward_mean": total(reward) / n, "reward_std": std(reward), "accuracy": total(correct) / n,
+                "adv_std": advantage_std(adv, ro.completion_mask, ids, A), "kl": metrics["kl_mean"].detach().cpu(),
+                "clip_frac": metrics["clip_frac"].detach().cpu(), "entropy": ent, "response_len": total(clen) / n,
+                "truncated_frac": total(ro.truncated.float()) / n, "kept_frac": total(keep.float()) / n}
+        log = getattr(self, "reward_log", None)  # study A's parts, format rate, verifier counts
+        cols.update(log.columns(ids, A) if log else {})
+        cols, out = {k: v.tolist() for k, v in cols.items()}, {}
         for a in self.ids:
-            rows = (ids == a).nonzero().squeeze(-1)
-            m = mask[rows.to(mask.device)]
-            tok = int(ro.prompt_tokens[rows].sum() + clen[rows].sum())
-            self.tokens[a] += tok
-            ent = float((entropy[rows.to(entropy.device)] * m).sum() / m.sum().clamp_min(1))
-            out[a] = {
-                "step": step, "adapter": a, "rank": self.engine.adapter_spec(a).rank,
-                "reward_mean": float(reward[rows].mean()), "reward_std": float(reward[rows].std()),
-                "accuracy": float(correct[rows].mean()), "adv_std": float(adv[rows.to(adv.device)].std()),
-                "kl": float(metrics["kl_mean"][a]), "clip_frac": float(metrics["clip_frac"][a]),
-                "entropy": ent, "response_len": float(clen[rows].mean()),
-                "truncated_frac": float(ro.truncated[rows].float().mean()),
-                "kept_frac": float(keep[rows].float().mean()), "grad_norm": grad_norms[a],
-                "skipped": a in skipped, "tokens_step": tok, "tokens_total": self.tokens[a],
-                "wall_s": wall, **(self.reward_log.row(a, rows) if hasattr(self, "reward_log") else {}),
-            }
+            self.tokens[a] += tok[a]
+            out[a] = {"step": step, "adapter": a, "rank": self.engine.adapter_spec(a).rank,
+                      **{k: float(v[a]) for k, v in cols.items()}, "grad_norm": grad_norms[a],
+                      "skipped": a in skipped, "tokens_step": tok[a], "tokens_total": self.tokens[a], "wall_s": wall,
+                      **(log.counts(a) if log else {})}
         return out
 
     # -- evaluation ---------------------------------------------------------------------
@@ -297,6 +301,8 @@ class GRPOTrainer:
             for a in self.ids:
                 save_adapter(self.engine, a, checkpoints.adapter_dir(d, a), base_model_name=self.cfg.model)
             torch.save({str(a): opt.state_dict() for a, opt in self.optimizers.items()}, d / checkpoints.OPTIMIZERS_FILE)
+            if self.ppo is not None:
+                self.ppo.save(d)
             (d / checkpoints.STATE_FILE).write_text(json.dumps({"step": self.step_idx, "tokens": self.tokens,
                                                                 "config": self._resume_key()}, default=str))
         return checkpoints.write_checkpoint(self.out, self.step_idx, fill)
@@ -329,6 +335,8 @@ class GRPOTrainer:
         opt_states = torch.load(ckpt / checkpoints.OPTIMIZERS_FILE, weights_only=True)
         for a in self.ids:
             self.optimizers[a].load_state_dict(opt_states[str(a)])
+        if self.ppo is not None:
+            self.ppo.load(ckpt)
         self.tokens = {int(k): v for k, v in state["tokens"].items()}
         self.step_idx = state["step"]
         return True
@@ -359,7 +367,7 @@ class GRPOTrainer:
             summary = {"base": ev[-1]["pass@1"], "base_eval": ev[-1],
                        "initial": {str(a): ev[a] for a in self.ids}, "eval": []}
             summary_path.write_text(json.dumps(summary, indent=2))
-        bar = tqdm(range(self.step_idx, cfg.steps), desc="GRPO", disable=not cfg.progress,
+        bar = tqdm(range(self.step_idx, cfg.steps), desc=cfg.algorithm.upper(), disable=not cfg.progress,
                    initial=self.step_idx, total=cfg.steps)
         with open(log_path, "a") as log:
             for step in bar:
@@ -382,18 +390,10 @@ class GRPOTrainer:
         summary_path.write_text(json.dumps(summary, indent=2))
         if self.step_idx % max(cfg.checkpoint_every, 1) != 0 or not cfg.checkpoint_every:
             self.save_checkpoint()
-        self._print_summary(summary)
+        print_summary(summary, [spec.rank for spec in cfg.adapters])
         return summary
-
-    def _print_summary(self, summary: dict) -> None:
-        print(f"\nheld-out greedy accuracy (base model: {summary['base']:.3f})")
-        print(f"{'adapter':>8} {'rank':>5} {'initial':>8} {'final':>8} {'gain':>8} {'tokens':>10}")
-        for i, spec in enumerate(self.cfg.adapters):
-            ini, fin = summary["initial"][str(i)]["pass@1"], summary["final"][str(i)]["pass@1"]
-            print(f"{i:>8} {spec.rank:>5} {ini:>8.3f} {fin:>8.3f} {fin - ini:>+8.3f} "
-                  f"{summary['tokens'].get(str(i), 0):>10}")
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run a whole GRPO training from a config (the ``lora-engine train`` command)."""
+    """Run a whole GRPO or PPO training from a config (the ``lora-engine train`` command)."""
     return GRPOTrainer(cfg).fit()

@@ -13,7 +13,7 @@ Definitions (study A: the rank x batch x seed sweep of Qwen3-8B, implemented exa
 - gain = final_score - base_score (taken from the ``gain`` column; computed from the two
   scores when that column is absent or empty).
 - configuration = the values of :data:`CONFIG_COLUMNS`: rank, batch_size, lr, method, alpha,
-  prompts_per_step, samples_per_prompt, steps. Seed, run id, ``group`` (which adapters shared
+  reward_regime (study C), prompts_per_step, samples_per_prompt, steps. Seed, run id, ``group`` (which adapters shared
   a base and a batch: an execution detail) and the results are not part of it, so two runs of
   one configuration differ only in seed.
 - per configuration over its usable seeds: mean gain; sample standard deviation (ddof=1,
@@ -58,7 +58,8 @@ __all__ = [
 ]
 
 CONFIG_COLUMNS = (
-    "rank", "batch_size", "lr", "method", "alpha", "prompts_per_step", "samples_per_prompt", "steps",
+    "rank", "batch_size", "lr", "method", "alpha", "reward_regime", "prompts_per_step", "samples_per_prompt",
+    "steps",
 )
 
 # --- reading -----------------------------------------------------------------------------------

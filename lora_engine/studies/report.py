@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 
+from lora_engine.studies import regimes
 from lora_engine.studies.figures import DASH, FIGURES, finite, cell_text, draw_figures, rows_by_variant, variant_columns
 from lora_engine.studies.analysis import (
     CONFIG_COLUMNS,
@@ -224,6 +225,10 @@ def write_report(run_dir: str | Path) -> Path:
     for stem in FIGURES:
         (fig_dir / f"{stem}.png").unlink(missing_ok=True)
     drawn = draw_figures(rows, summaries, columns, fig_dir)
+    text = _markdown(run_dir, rows, summaries, columns, drawn)
+    (fig_dir / f"{regimes.FIGURE}.png").unlink(missing_ok=True)
+    if regimes.has_regimes(rows):  # study C: the regime x rank table and the per-regime curves
+        text += regimes.regime_section(run_dir, rows)
     path = run_dir / "report.md"
-    path.write_text(_markdown(run_dir, rows, summaries, columns, drawn))
+    path.write_text(text)
     return path

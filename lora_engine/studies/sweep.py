@@ -17,12 +17,22 @@ table of lists, and optional ``[packing]`` limits:
     max_adapters_per_group = 8
     max_rows_per_step = 512          # sequences generated per step by one group
     memory_budget_mb = 20000         # trainable state (weights, grads, AdamW) per group
+    reward_regime = ["outcome"]      # study C: outcome | process | distillation (adapters of every regime
+                                     # share a group: the advantages branch per group on deposit density)
+    [ray]                            # only read by `lora-engine sweep SPEC --ray` (studies.ray_runner)
+    num_gpus = 1                     # per group (default: 1 on a cluster with GPUs, else 0); 0.5 shares a GPU
+    num_cpus = 1                     # per group; torch's thread count in the task
+    max_retries = 2                  # a failed group is retried this often, then recorded as failed
+
+``[[grid]]`` (several grid tables) takes the union of their products (``studies.grid``).
 
 Every grid point is one *run* (one adapter). Runs that share everything but rank, seed, lr,
 method and prompts_per_step can share one base model and one batch: they are packed into
 groups (largest footprint first, first fit) under the limits. A group is one ``GRPOTrainer``;
 each of its adapters is recorded as its own run. A killed sweep resumes: finished runs are
-read back from disk, and an interrupted group resumes from its last checkpoint.
+read back from disk, and an interrupted group resumes from its last checkpoint. A group that
+failed for good (Ray runner, retries spent) is recorded as ``runs/<id>/failed.json`` rows with
+status "failed" and its error; a rerun tries it again.
 
 One meaning per name: ``seed`` is only the grid's adapter seed (``[fixed] seed`` is refused),
 and a run's batch size is its ``prompts_per_step`` (results.csv derives ``batch_size`` from it
@@ -30,7 +40,6 @@ with ``results.batch_size``).
 """
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 from dataclasses import dataclass, field
@@ -41,21 +50,47 @@ from lora_engine.atomic import write_json_atomic
 from lora_engine.rl import checkpoints
 from lora_engine.rl.config import TrainConfig, config_from_dict, tomllib
 from lora_engine.studies import results
+from lora_engine.studies.grid import GRID_KEYS, Run, expand_grids  # noqa: F401  (Run, GRID_KEYS: this module's API)
 
-GRID_KEYS = ("rank", "prompts_per_step", "seed", "lr", "method", "alpha")
+RESULT_FILE, FAILED_FILE = "result.json", "failed.json"
+
 
 @dataclass(frozen=True)
-class Run:
-    rank: int
-    prompts_per_step: int
-    seed: int
-    lr: float
-    method: str
-    alpha: float
+class RayOptions:
+    """The spec's ``[ray]`` table: what one group's Ray task reserves, and how often it is retried."""
+    num_gpus: float | None = None  # None: 1 on a cluster with GPUs, 0 on a CPU-only one
+    num_cpus: float = 1.0
+    max_retries: int = 2
 
-    @property
-    def run_id(self) -> str:
-        return f"r{self.rank}_p{self.prompts_per_step}_lr{self.lr:g}_{self.method}_a{self.alpha:g}_s{self.seed}"
+
+def ray_options(table: dict) -> RayOptions:
+    bad = set(table) - {"num_gpus", "num_cpus", "max_retries"}
+    if bad:
+        raise ValueError(f"unknown ray key(s) {sorted(bad)}: [ray] takes num_gpus, num_cpus, max_retries")
+
+    def number(key):
+        v = table[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"ray.{key} must be a number, got {v!r}")
+        return float(v)
+
+    opts = {}
+    if "num_gpus" in table:
+        opts["num_gpus"] = number("num_gpus")
+        if not 0 <= opts["num_gpus"] <= 1:
+            # One group is one process on one device: more than one GPU would sit idle.
+            raise ValueError(f"ray.num_gpus must be in [0, 1] (a group trains on one GPU; 0.5 puts two small "
+                             f"groups on one GPU), got {table['num_gpus']!r}")
+    if "num_cpus" in table:
+        opts["num_cpus"] = number("num_cpus")
+        if opts["num_cpus"] < 1:
+            raise ValueError(f"ray.num_cpus must be >= 1 (torch's thread count in the task), got {table['num_cpus']!r}")
+    if "max_retries" in table:
+        v = table["max_retries"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"ray.max_retries must be an integer >= 0, got {v!r}")
+        opts["max_retries"] = v
+    return RayOptions(**opts)
 
 
 @dataclass
@@ -66,6 +101,7 @@ class SweepSpec:
     max_rows_per_step: int = 1024
     memory_budget_mb: float = float("inf")
     groups: list[list[Run]] = field(default_factory=list)
+    ray: RayOptions = field(default_factory=RayOptions)
 
 
 def load_spec(path) -> SweepSpec:
@@ -80,39 +116,28 @@ def load_spec(path) -> SweepSpec:
 
 
 def spec_from_dict(data: dict) -> SweepSpec:
-    unknown = set(data) - {"fixed", "grid", "packing"}
+    unknown = set(data) - {"fixed", "grid", "packing", "ray"}
     if unknown:
-        raise ValueError(f"unknown sweep section(s) {sorted(unknown)}: use [fixed], [grid], [packing]")
+        raise ValueError(f"unknown sweep section(s) {sorted(unknown)}: use [fixed], [grid], [packing], [ray]")
     fixed = dict(data.get("fixed", {}))
-    grid = dict(data.get("grid", {}))
-    bad = set(grid) - set(GRID_KEYS)
-    if bad:
-        raise ValueError(f"unknown grid key(s) {sorted(bad)}; grid keys: {GRID_KEYS}")
-    if "rank" not in grid:
-        raise ValueError("the grid needs a rank list, e.g. rank = [1, 4, 16]")
+    grids = data.get("grid", {})
+    grids = [dict(g) for g in grids] if isinstance(grids, list) else [dict(grids)]
     if "adapters" in fixed:
         raise ValueError("[fixed] must not hold adapters: the grid defines them")
     if "seed" in fixed:
         # One meaning per name: in a sweep, seed is each run's adapter seed (init and sampling).
         raise ValueError("[fixed] seed is ambiguous in a sweep: list adapter seeds in [grid] seed = [0, 1, 2]; "
                          "the task's data seed is [fixed] data_seed")
-    for k, v in grid.items():
-        if not isinstance(v, list) or not v:
-            raise ValueError(f"grid.{k} must be a non-empty list, got {v!r}")
-    defaults = {"prompts_per_step": [fixed.pop("prompts_per_step", 8)], "seed": [0],
-                "lr": [fixed.pop("lr", 1e-5)], "method": ["lora"], "alpha": [fixed.pop("alpha", 32.0)]}
-    axes = {k: grid.get(k, defaults.get(k)) for k in GRID_KEYS}
-    runs = [Run(rank=int(r), prompts_per_step=int(p), seed=int(s), lr=float(lr), method=str(m), alpha=float(a))
-            for r, p, s, lr, m, a in itertools.product(*(axes[k] for k in GRID_KEYS))]
+    runs = expand_grids(grids, fixed)
     # Validate every run as a config now, not an hour into the sweep.
     for run in runs:
-        config_from_dict({**fixed, "adapters": [_adapter(run)]})
+        config_from_dict({**fixed, "adapters": [_adapter(run)], **_fixed_for([run])})
     packing = dict(data.get("packing", {}))
     bad = set(packing) - {"max_adapters_per_group", "max_rows_per_step", "memory_budget_mb", "reference_model"}
     if bad:
         raise ValueError(f"unknown packing key(s) {sorted(bad)}")
     reference = packing.pop("reference_model", None)
-    spec = SweepSpec(fixed=fixed, runs=runs, **packing)
+    spec = SweepSpec(fixed=fixed, runs=runs, ray=ray_options(dict(data.get("ray", {}))), **packing)
     dims = None
     if spec.memory_budget_mb != float("inf"):
         dims = module_dims_for(fixed.get("model", "tiny"), reference)
@@ -152,6 +177,12 @@ def _adapter(run: Run) -> dict:
             "name": run.run_id}
 
 
+def _fixed_for(runs: list[Run]) -> dict:
+    """The per-adapter config lists of a group (or one run): batch size and reward regime."""
+    return {"prompts_per_step": [r.prompts_per_step for r in runs],
+            "reward_regime": [r.reward_regime for r in runs]}
+
+
 def adapter_state_bytes(rank: int, module_dims: list[tuple[int, int]]) -> int:
     """Trainable state of one LoRA adapter: fp32 weights + grads + 2 AdamW moments = 16 B/param."""
     return 16 * rank * sum(k + n for k, n in module_dims)
@@ -164,11 +195,14 @@ def pack(spec: SweepSpec, module_dims: list[tuple[int, int]] | None = None) -> l
     memory budget is not applied (the tiny default is far below any budget).
     """
     samples = int(spec.fixed.get("samples_per_prompt", 8))
+    ppo = spec.fixed.get("algorithm") == "ppo"  # every run brings its critic (a LoRA of critic_rank)
     groups: list[list[Run]] = []
     loads: list[tuple[int, float]] = []
     for run in sorted(spec.runs, key=lambda r: (-r.rank, -r.prompts_per_step, r.run_id)):
         rows = run.prompts_per_step * samples
         mem = adapter_state_bytes(run.rank, module_dims) / 2**20 if module_dims else 0.0
+        if ppo and module_dims:
+            mem += adapter_state_bytes(int(spec.fixed.get("critic_rank", 0)) or run.rank, module_dims) / 2**20
         if rows > spec.max_rows_per_step:
             raise ValueError(f"run {run.run_id} alone generates {rows} sequences per step > max_rows_per_step="
                              f"{spec.max_rows_per_step}: raise the limit or lower prompts_per_step")
@@ -186,8 +220,7 @@ def pack(spec: SweepSpec, module_dims: list[tuple[int, int]] | None = None) -> l
 
 def group_config(spec: SweepSpec, g: int, out_dir: Path) -> TrainConfig:
     runs = spec.groups[g]
-    return config_from_dict({**spec.fixed, "adapters": [_adapter(r) for r in runs],
-                             "prompts_per_step": [r.prompts_per_step for r in runs],
+    return config_from_dict({**spec.fixed, "adapters": [_adapter(r) for r in runs], **_fixed_for(runs),
                              "output_dir": str(out_dir / "groups" / f"group_{g:03d}")})
 
 
@@ -195,8 +228,34 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def prepare_sweep(spec_path, out_dir, groups=None) -> tuple[SweepSpec, Path, list[int]]:
+    """Load the spec, create the sweep folder (spec + run info) and check the group indices:
+    the start shared by the local runner and the Ray runner (``studies.ray_runner``)."""
+    from lora_engine.rl.runinfo import run_info
+
+    spec = load_spec(spec_path)
+    out_dir = Path(out_dir)
+    todo = list(range(len(spec.groups))) if groups is None else list(groups)
+    bad = [g for g in todo if not 0 <= g < len(spec.groups)]
+    if bad:
+        raise ValueError(f"group(s) {bad} do not exist: the spec packs into groups 0..{len(spec.groups) - 1}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "spec.toml").write_text(Path(spec_path).read_text())
+    (out_dir / "run.json").write_text(json.dumps(run_info(), indent=2))
+    return spec, out_dir, todo
+
+
+def finish_sweep(out_dir) -> Path:
+    """results.csv from every run recorded so far, then the report; returns the report's path."""
+    from lora_engine.studies.report import write_report
+
+    write_results(out_dir)
+    return write_report(out_dir)
+
+
 def run_sweep(spec_path, out_dir, progress: bool = True, base=None, task=None, groups=None) -> Path:
-    """Run (or resume) the groups of the sweep; writes ``results.csv`` and the report.
+    """Run (or resume) the groups of the sweep one after another in this process; writes
+    ``results.csv`` and the report. ``studies.ray_runner.run_ray_sweep`` is the same on Ray.
 
     ``base`` = (model, tokenizer) and ``task`` replace the spec's model and task (tests, notebooks).
     ``groups``: indices to run (default all), e.g. ``range(rank, n, world_size)`` in a job array;
@@ -204,45 +263,51 @@ def run_sweep(spec_path, out_dir, progress: bool = True, base=None, task=None, g
     """
     from tqdm.auto import tqdm
 
-    from lora_engine.rl.runinfo import run_info
-
-    spec = load_spec(spec_path)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "spec.toml").write_text(Path(spec_path).read_text())
-    (out_dir / "run.json").write_text(json.dumps(run_info(), indent=2))
-    todo = list(range(len(spec.groups))) if groups is None else list(groups)
-    bad = [g for g in todo if not 0 <= g < len(spec.groups)]
-    if bad:
-        raise ValueError(f"group(s) {bad} do not exist: the spec packs into groups 0..{len(spec.groups) - 1}")
+    spec, out_dir, todo = prepare_sweep(spec_path, out_dir, groups)
     bar = tqdm(todo, desc="sweep groups", disable=not progress)
     for g in bar:
         bar.set_postfix(group=g, adapters=len(spec.groups[g]))
         base = run_group(spec, g, out_dir, base=base, task=task)
-    write_results(out_dir)
-    from lora_engine.studies.report import write_report
-    return write_report(out_dir)
+    return finish_sweep(out_dir)
+
+
+def group_finished(spec: SweepSpec, g: int, out_dir) -> bool:
+    """Every run of group ``g`` has its result.json: resume skips the group."""
+    return all((Path(out_dir) / "runs" / r.run_id / RESULT_FILE).exists() for r in spec.groups[g])
+
+
+def group_rows(spec: SweepSpec, g: int, out_dir) -> list[dict]:
+    """The result rows of group ``g``'s runs, as written by ``run_group``."""
+    return [json.loads((Path(out_dir) / "runs" / r.run_id / RESULT_FILE).read_text()) for r in spec.groups[g]]
 
 
 def run_group(spec: SweepSpec, g: int, out_dir, base=None, task=None):
     """Train group ``g`` (all its adapters concurrently) unless its runs are finished; returns the
-    (model, tokenizer) base so the caller can reuse it for the next group."""
+    (model, tokenizer) base so the caller can reuse it for the next group. The one function that
+    runs a group: the local runner calls it in a loop, the Ray runner once per Ray task."""
     from lora_engine.rl.models import load_base
     from lora_engine.rl.trainer import GRPOTrainer
 
     out_dir = Path(out_dir)
-    runs = spec.groups[g]
-    if all((out_dir / "runs" / r.run_id / "result.json").exists() for r in runs):
+    if group_finished(spec, g, out_dir):
         return base
     cfg = group_config(spec, g, out_dir)
-    if base is None:
-        base = load_base(cfg.model, cfg.dtype, cfg.device, progress=cfg.progress)  # one base model per process, shared by every group it runs
+    if base is None:  # one base model per process, shared by every group it runs
+        base = load_base(cfg.model, cfg.dtype, cfg.device, progress=cfg.progress)
     model, tokenizer = base
     trainer = GRPOTrainer(cfg, model=model, tokenizer=tokenizer, task=task)
     summary = trainer.fit()
     _record_group(out_dir, g, spec, cfg, trainer, summary)
     trainer.engine.detach()  # the next group starts from the plain base model
     return base
+
+
+def _run_columns(run: Run, g: int, cfg: TrainConfig) -> dict:
+    """The configuration columns of a run's row (results.COLUMNS), finished or failed."""
+    return {"run_id": run.run_id, "group": g, "rank": run.rank, "alpha": run.alpha, "method": run.method,
+            "lr": run.lr, "seed": run.seed, "prompts_per_step": run.prompts_per_step, "reward_regime": run.reward_regime,
+            "samples_per_prompt": cfg.samples_per_prompt,
+            "batch_size": results.batch_size(run.prompts_per_step, cfg.samples_per_prompt), "steps": cfg.steps}
 
 
 def _record_group(out_dir: Path, g: int, spec: SweepSpec, cfg: TrainConfig, trainer, summary: dict) -> None:
@@ -255,10 +320,7 @@ def _record_group(out_dir: Path, g: int, spec: SweepSpec, cfg: TrainConfig, trai
         ini, fin = summary["initial"][str(a)], summary["final"][str(a)]
         n_params = sum(p.numel() for p in trainer.engine.adapter_parameters(a))
         row = {
-            "run_id": run.run_id, "group": g, "rank": run.rank, "alpha": run.alpha, "method": run.method,
-            "lr": run.lr, "seed": run.seed, "prompts_per_step": run.prompts_per_step,
-            "samples_per_prompt": cfg.samples_per_prompt,
-            "batch_size": results.batch_size(run.prompts_per_step, cfg.samples_per_prompt), "steps": cfg.steps,
+            **_run_columns(run, g, cfg),
             "base_score": summary["base"], "final_score": fin["pass@1"], "gain": fin["pass@1"] - summary["base"],
             "tokens": summary["tokens"][str(a)], "trainable_params": n_params,
             "optimizer_bytes": 8 * n_params,  # two fp32 AdamW moments
@@ -273,13 +335,35 @@ def _record_group(out_dir: Path, g: int, spec: SweepSpec, cfg: TrainConfig, trai
         (run_dir / "config.json").write_text(json.dumps({"run": row["run_id"], "seed": run.seed,
                                                          "group_config": cfg.to_dict()}, indent=2, default=str))
         (run_dir / "run.json").write_text(json.dumps(run_info(), indent=2))
-        write_json_atomic(run_dir / "result.json", row)
+        results.write_curve(run_dir, trainer.out / "log.jsonl", a)
+        write_json_atomic(run_dir / RESULT_FILE, row)
+        (run_dir / FAILED_FILE).unlink(missing_ok=True)  # an earlier failure of this run is superseded
+
+
+def record_failure(spec: SweepSpec, g: int, out_dir, error: str) -> None:
+    """Mark group ``g``'s unfinished runs failed with ``error`` (one line). The rows go to
+    failed.json, never result.json, so a rerun of the sweep tries the group again."""
+    out_dir = Path(out_dir)
+    cfg = group_config(spec, g, out_dir)
+    for run in spec.groups[g]:
+        run_dir = out_dir / "runs" / run.run_id
+        if (run_dir / RESULT_FILE).exists():
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / FAILED_FILE, {**_run_columns(run, g, cfg), "status": "failed", "error": error})
 
 
 def write_results(out_dir) -> Path:
-    """Collect every finished run's result.json into ``results.csv`` (one row per run)."""
+    """Collect every run's result.json (or, for a run that never finished, its failed.json)
+    into ``results.csv``: one row per run."""
     out_dir = Path(out_dir)
-    rows = [json.loads(p.read_text()) for p in sorted((out_dir / "runs").glob("*/result.json"))]
+    rows = []
+    for run_dir in sorted(p for p in (out_dir / "runs").glob("*") if p.is_dir()):
+        for name in (RESULT_FILE, FAILED_FILE):
+            if (run_dir / name).exists():
+                rows.append(json.loads((run_dir / name).read_text()))
+                break
+    results.write_curves(out_dir)
     return results.write_csv(out_dir / "results.csv", rows)
 
 
