@@ -1,6 +1,7 @@
 """Rollouts: the sampler never returns a zero-probability token, sampling log-probs in fp32 from
 hidden states, the cache argument of either transformers API, several stop tokens, and a cap on
-sequences per decoding batch that leaves every sample unchanged."""
+sequences per decoding batch that leaves every sample unchanged; the same two fixes in the
+server's sampler."""
 import warnings
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import lora_engine as le
 from helpers import assert_close
 from lora_engine.rl import rollout
-from lora_engine.rl.rollout import _inverse_cdf, _sample, cache_kwarg, draw_uniforms, generate
+from lora_engine.rl.rollout import _sample, cache_kwarg, draw_uniforms, generate, inverse_cdf
 from models import randomize_b, tiny_model
 
 
@@ -22,7 +23,7 @@ from models import randomize_b, tiny_model
     pytest.param([0.5, 0.5, 0.0, 0.0], 0.9999999, 1, id="just-below-1"),
 ])
 def test_inverse_cdf_never_returns_a_zero_probability_token(probs, u, want):
-    got = _inverse_cdf(torch.tensor([probs]), torch.tensor([u]))
+    got = inverse_cdf(torch.tensor([probs]), torch.tensor([u]))
     assert got.tolist() == [want] and probs[want] > 0
 
 
@@ -156,3 +157,23 @@ def test_stops_on_any_of_several_tokens():
         generate(engine, PROMPTS, OWNERS, eos_id=[], pad_id=0, max_new_tokens=2, greedy=True)
     with pytest.raises(ValueError, match="max_batch"):
         generate(engine, PROMPTS, OWNERS, eos_id=1, pad_id=0, max_new_tokens=2, greedy=True, max_batch=-1)
+
+
+def test_server_sampler_takes_the_cache_argument_and_no_zero_probability_token(monkeypatch):
+    """The Tinker server's decoder: no deprecated ``past_key_values`` call, and at u = 0 (the flat
+    start of every top-k = 1 cdf) the one token with probability > 0, i.e. the greedy one."""
+    from lora_engine.interop.server.sampler import Request, decode
+
+    engine = _engine()
+
+    def requests(**kw):
+        return [Request(adapter_id=a, prompt=p, n=1, max_tokens=4, **kw) for p, a in zip(PROMPTS, OWNERS)]
+
+    greedy = decode(engine, requests(temperature=0.0), pad_id=0)
+    rand = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *size, **kw: rand(*size, **kw) * 0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        top1 = decode(engine, requests(top_k=1), pad_id=0)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+    assert [[s[0] for s in r] for r in top1] == [[s[0] for s in r] for r in greedy]

@@ -65,7 +65,7 @@ def left_pad(token_lists: list[list[int]], pad_id: int, device, width: int | Non
     return ids.to(device), mask.to(device)
 
 
-def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Index j per row with cdf[j] >= u * total, never a zero-probability entry.
 
     The first j with cdf[j] >= x (``searchsorted`` at its default, left) is a zero-probability
@@ -94,8 +94,8 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Ten
         keep = sp.cumsum(-1) - sp < top_p  # always keeps the most likely token
         sp = sp * keep
         sp = sp / sp.sum(-1, keepdim=True)
-        return si.gather(-1, _inverse_cdf(sp, u).unsqueeze(-1)).squeeze(-1)
-    return _inverse_cdf(probs, u)
+        return si.gather(-1, inverse_cdf(sp, u).unsqueeze(-1)).squeeze(-1)
+    return inverse_cdf(probs, u)
 
 
 def draw_uniforms(adapter_ids: Sequence[int], seeds: dict[int, int] | None, steps: int) -> torch.Tensor:
