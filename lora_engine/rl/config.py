@@ -1,7 +1,7 @@
 """Trainer configuration: one frozen dataclass, loadable from TOML with ``key=value`` overrides.
 
-    model = "tiny"                 # or a local path to any HF causal LM (+ its tokenizer)
-    task = "tiny"                  # the embedded arithmetic task, or "reasoning_gym:<dataset>"
+    model = "tiny"                 # or a local HF folder, or a GGUF file (converted once, cached)
+    task = "tiny"                  # the embedded arithmetic task, "reasoning_gym:<dataset>" or "math:<path>"
     data_seed = 0                  # the task's problem pool and held-out split
     steps = 40
     [[adapters]]
@@ -16,16 +16,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from lora_engine.checks import check_types
 from lora_engine.engine.spec import AdapterSpec
 from lora_engine.kernels.policy_loss import (LOSS_OPTION_DEFAULTS, LOSS_TYPES, SEQUENCE_ADVANTAGE_ONLY,
-                                            check_loss_options)
+                                             check_loss_options)
+from lora_engine.rl.answers import EXTRACTORS
 from lora_engine.rl.models import DTYPES
 from lora_engine.rl.ppo import KL_KINDS
 from lora_engine.rl.prm import PRM_KINDS
+from lora_engine.rl.tasks.scoring import SCORERS
 from lora_engine.rl.token_rewards import REGIMES
 
 if sys.version_info >= (3, 11):
@@ -44,19 +47,29 @@ class TrainConfig:
     """
 
     # --- model ------------------------------------------------------------------------------
-    model: str = "tiny"                        # "tiny" (built in, CPU-sized) or a local Hugging Face folder
+    model: str = "tiny"                        # "tiny" (built in, CPU-sized), a local HF folder or a .gguf file
     adapters: tuple[AdapterSpec, ...] = ()     # one [[adapters]] table per adapter (AdapterSpec fields)
     target_modules: str | tuple[str, ...] = "all-linear"  # linear layers adapters may use
     dtype: str = "auto"                        # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     device: str = "auto"                       # "auto" (CUDA if present), "cpu", "cuda", "cuda:1", ...
     # --- rollout ------------------------------------------------------------------------------
-    task: str = "tiny"                         # "tiny" or "reasoning_gym:<dataset>"
+    task: str = "tiny"                         # "tiny", "reasoning_gym:<dataset>" or "math:<local data path>"
     data_seed: int = 0                         # the task's data: its problem pool and held-out split
+    task_options: dict[str, Any] = field(default_factory=dict)  # reasoning-gym settings or math data fields
+    eval_data: str = ""                        # held-out set: "" (the task's own split), a data path, "champ"
     prompts_per_step: int | tuple[int, ...] = 8  # per adapter per step: one for all, or one per adapter
     samples_per_prompt: int = 8                # G, the group size of the advantages
     max_new_tokens: int = 8                    # the generation cap (also dr_grpo's length normaliser)
     temperature: float = 1.0                   # sampling temperature (the log-probs use it too)
     top_p: float = 1.0                         # nucleus sampling
+    rollout_batch_size: int = 0                # sequences per decoding batch (caps rollout memory); 0 = all
+    # --- prompts ------------------------------------------------------------------------------
+    system_prompt: str = ""                    # system message ("" = none; a template may add its default)
+    instruction: str = ""                      # appended to each question ("{question}" places it instead)
+    chat_template: bool | str = "auto"         # use the tokenizer's chat template: true, false, "auto" (if any)
+    enable_thinking: bool = True               # passed to the chat template (Qwen3: false = no <think>)
+    few_shot: int = 0                          # worked examples from the train split shown before each question
+    few_shot_examples: tuple[tuple[str, str], ...] = ()  # your own [question, reply] pairs, shown first
     # --- objective ----------------------------------------------------------------------------
     algorithm: str = "grpo"                    # "grpo" (group-normalised advantages) or "ppo" (a critic per adapter)
     loss_type: str = "dapo"                    # TRL 1.16's, per adapter: grpo bnpo dr_grpo dapo cispo sapo luspo vespo
@@ -74,8 +87,13 @@ class TrainConfig:
     vespo_lambda_neg: float = 2.0
     scale_rewards: str = "std"                 # "std" (GRPO) or "none" (Dr.GRPO) advantage scaling
     drop_zero_variance: bool = False           # drop groups whose rewards are all equal
+    scorer: str = "auto"                       # correctness: auto (the task's) | math_verify | exact | reasoning_gym
+    answer_extractors: tuple[str, ...] = ("boxed", "answer_tag")  # where answers are read; + "last_number"
+    verify_timeout: float = 5.0                # seconds per math-verify check (a hang scores 0, is counted)
+    correct_weight: float = 1.0                # x correctness (1/0) in the reward
     format_weight: float = 0.0                 # x boxed_format_reward (+bonus for one box, -penalty for none)
     length_weight: float = 0.0                 # coef of rewards.length_penalty (DAPO's soft overlong penalty)
+    length_buffer: int = 0                     # the penalty ramps over this many tokens before the cap; 0 = cap/5
     # --- PPO (algorithm = "ppo"; rl/ppo_step.py, verl's definitions) ----------------------------
     critic_rank: int = 0                       # rank of each policy's critic LoRA (0: the policy's rank)
     critic_lr: float = 0.0                     # the critic's and its value head's lr (0: the policy's lr)
@@ -121,9 +139,12 @@ class TrainConfig:
             raise ValueError("adapters must be a list of [[adapters]] tables, each with a rank")
         specs = tuple(a if isinstance(a, AdapterSpec) else _spec(a) for a in self.adapters)
         object.__setattr__(self, "adapters", specs)
-        for name in ("target_modules", "prompts_per_step", "reward_regime"):
+        for name in ("target_modules", "prompts_per_step", "answer_extractors", "reward_regime"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
+        if isinstance(self.few_shot_examples, list):
+            object.__setattr__(self, "few_shot_examples", tuple(tuple(x) if isinstance(x, list) else x
+                                                                for x in self.few_shot_examples))
         check_types(self)
         pps = self.prompts_per_step
         if isinstance(pps, tuple) and len(pps) != len(specs):
@@ -149,10 +170,24 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if any(n < 1 for n in self.prompts_per_adapter):
             raise ValueError(f"prompts_per_step must be >= 1, got {self.prompts_per_step}")
-        for name in ("micro_batch_size", "eval_problems", "eval_every", "eval_samples", "checkpoint_every"):
+        for name in ("micro_batch_size", "rollout_batch_size", "few_shot", "length_buffer", "eval_problems",
+                     "eval_every", "eval_samples", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)}"
-                                 + (" (0 = the whole batch at once)" if name == "micro_batch_size" else ""))
+                                 + (" (0 = the whole batch at once)" if name.endswith("batch_size") else ""))
+        if self.chat_template not in (True, False, "auto"):
+            raise ValueError(f"chat_template must be true, false or \"auto\", got {self.chat_template!r}")
+        if self.scorer not in SCORERS:
+            raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
+        bad = [e for e in self.answer_extractors if e not in EXTRACTORS]
+        if bad or not self.answer_extractors:
+            raise ValueError(f"answer_extractors must be a non-empty list of {sorted(EXTRACTORS)}, got "
+                             f"{list(self.answer_extractors)}: e.g. answer_extractors = [\"boxed\", \"last_number\"]")
+        if self.verify_timeout <= 0:
+            raise ValueError(f"verify_timeout must be > 0 seconds, got {self.verify_timeout}")
+        if self.length_buffer > self.max_new_tokens:
+            raise ValueError(f"length_buffer must be <= max_new_tokens ({self.max_new_tokens}), "
+                             f"got {self.length_buffer}")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
         if self.algorithm == "ppo":

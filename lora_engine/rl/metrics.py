@@ -31,6 +31,48 @@ def avg_at_k(scores: Sequence[float], k: int | None = None) -> float:
     return float(sum(float(s) for s in scores[:k]) / k)
 
 
+def format_ok(completions: Sequence[str]):
+    """[N] float tensor: 1 where a completion holds exactly one non-empty ``\\boxed{}`` (the
+    boxed-format term's success: the "format rate" when averaged)."""
+    import torch
+
+    from lora_engine.rl.answers import count_boxes
+
+    return torch.tensor([float(count_boxes(c) == 1) for c in completions])
+
+
+class RewardLog:
+    """One step's reward parts, format successes and verifier counts, read back per adapter."""
+
+    def __init__(self, parts: dict, completions: Sequence[str], stats: dict):
+        import torch
+
+        self.parts = {k: torch.tensor(v, dtype=torch.float32) for k, v in parts.items()}
+        self.total = sum(self.parts.values())
+        self.format = format_ok(completions)
+        self.stats = stats
+
+    def columns(self, ids, num_slots: int) -> dict:
+        """Per-slot means over the rows' adapter ids ``ids`` (a segmented sum, index_add, not a pass
+        per adapter): ``reward_<part>`` (they sum to reward_mean) and ``format_rate``."""
+        import torch
+
+        n = torch.bincount(ids, minlength=num_slots).double()
+
+        def mean(x):
+            return torch.zeros(num_slots, dtype=torch.float64).index_add_(0, ids, x.double()) / n
+
+        out = {f"reward_{k}": mean(v) for k, v in self.parts.items()}
+        out["format_rate"] = mean(self.format)
+        return out
+
+    def counts(self, adapter: int) -> dict:
+        """``verify_timeouts/errors/skipped`` of ``adapter``'s samples this step (a timeout is a
+        hostile or runaway completion, scored 0)."""
+        counts = self.stats[adapter].as_dict() if adapter in self.stats else {}
+        return {f"verify_{k}": counts.get(k, 0) for k in ("timeouts", "errors", "skipped")}
+
+
 def print_summary(summary: dict, ranks: Sequence[int]) -> None:
     """The held-out accuracy table a training run prints at its end (``summary.json``'s numbers)."""
     print(f"\nheld-out greedy accuracy (base model: {summary['base']:.3f})")

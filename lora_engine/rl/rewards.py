@@ -13,7 +13,8 @@ Every reward function, built-in or user-written, is a plain callable::
 - ``None`` means "skip this sample" (no learning signal, e.g. the gold answer cannot be parsed);
   a caller should mask it out rather than read it as reward 0.
 - ``**kw`` carries optional extras; a function ignores what it does not use. The built-ins read:
-  ``stats`` (a :class:`RewardStats` that counts skips, errors and timeouts of this call),
+  ``stats`` (a :class:`RewardStats` that counts skips, errors and timeouts of this call, or a
+  list with one per sample: the trainer passes each sample's adapter's counter),
   ``completion_lengths`` (token counts, for :func:`length_penalty`) and ``entries``
   (reasoning-gym entries, for :func:`reasoning_gym_reward`).
 
@@ -41,11 +42,11 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 from typing import Callable, Sequence
 
 from lora_engine.rl import verifier
+from lora_engine.rl.answers import count_boxes, extract_answer, extract_boxed  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +96,21 @@ class RewardStats:
         return f"RewardStats({self.as_dict()})"
 
 
-def _stats(kw: dict) -> RewardStats:
-    """The caller's counter, or a throwaway one when the caller did not ask for counts."""
+def _sinks(kw: dict, n: int) -> list[RewardStats]:
+    """One counter per sample. ``stats=`` is one ``RewardStats`` for the whole call, or a list with
+    one per sample (the trainer passes each sample's adapter's counter, so counts are per
+    adapter); absent, the counts go to a throwaway counter."""
     stats = kw.get("stats")
-    return stats if stats is not None else RewardStats()
+    if stats is None or isinstance(stats, RewardStats):
+        return [stats if stats is not None else RewardStats()] * n
+    if len(stats) != n:
+        raise ValueError(f"stats has {len(stats)} counters for {n} samples: pass one RewardStats or one per sample")
+    return list(stats)
+
+
+def _count(sinks: list[RewardStats], field: str) -> None:
+    for s in sinks:
+        s.add(field)
 
 
 def _check_lengths(prompts, completions, answers) -> int:
@@ -113,60 +125,6 @@ def _check_lengths(prompts, completions, answers) -> int:
 
 
 # --- boxed answers ------------------------------------------------------------------------
-
-_BOXED_RE = re.compile(r"\\boxed\s*\{")
-
-
-def _top_level_boxes(text: str) -> list[tuple[int, int, str]]:
-    """``(start, end, content)`` of each outermost ``\\boxed{...}``, left to right.
-
-    Braces are counted so ``\\boxed{\\frac{1}{2}}`` yields ``\\frac{1}{2}``; a backslash escapes
-    the next character, so ``\\{`` and ``\\}`` (set braces) do not count. An unclosed box is
-    not a box.
-    """
-    boxes = []
-    pos = 0
-    while True:
-        m = _BOXED_RE.search(text, pos)
-        if m is None:
-            return boxes
-        depth, i = 1, m.end()
-        while i < len(text) and depth > 0:
-            ch = text[i]
-            if ch == "\\":
-                i += 2
-                continue
-            if ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-            i += 1
-        if depth != 0:
-            # Unclosed: its text may still hold a later, well-formed box.
-            pos = m.end()
-            continue
-        boxes.append((m.start(), i, text[m.end():i - 1]))
-        pos = i
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last outermost ``\\boxed{...}`` in ``text``, or None if there is none.
-
-    Nested braces are handled (``\\boxed{\\frac{1}{2}}`` -> ``\\frac{1}{2}``) and a box that only
-    wraps another box is unwrapped (``\\boxed{\\boxed{3}}`` -> ``3``).
-    """
-    if not isinstance(text, str):
-        return None
-    boxes = _top_level_boxes(text)
-    if not boxes:
-        return None
-    content = boxes[-1][2].strip()
-    inner = _top_level_boxes(content)
-    while len(inner) == 1 and inner[0][0] == 0 and inner[0][1] == len(content):
-        content = inner[0][2].strip()
-        inner = _top_level_boxes(content)
-    return content
-
 
 def boxed_format_reward(
     prompts: Sequence[str],
@@ -185,15 +143,14 @@ def boxed_format_reward(
     ``\\boxed{}`` is not an answer. A non-string completion counts as an error and as missing.
     """
     n = _check_lengths(prompts, completions, answers)
-    stats = _stats(kw)
+    sinks = _sinks(kw, n)
     out: list[float | None] = []
-    for c in completions:
+    for c, sink in zip(completions, sinks):
         if not isinstance(c, str):
-            stats.add("errors")
-            c = ""
-        count = sum(1 for _, _, b in _top_level_boxes(c) if b.strip())
+            sink.add("errors")
+        count = count_boxes(c)
         out.append(bonus if count == 1 else missing if count == 0 else multiple)
-    stats.add("samples", n)
+    _count(sinks, "samples")
     return out
 
 
@@ -237,7 +194,7 @@ def length_penalty(
             lengths = [length_fn(c) for c in completions]
         if len(lengths) != n:
             raise ValueError(f"completion_lengths has {len(lengths)} entries for {n} completions")
-        _stats(kw).add("samples", n)
+        _count(_sinks(kw, n), "samples")
         return [-coef * min(max(L - soft, 0), buffer) / buffer if L <= max_len else -coef
                 for L in lengths]
 
@@ -254,21 +211,26 @@ def math_verify_reward(
     *,
     timeout: float = 5.0,
     pool: verifier.VerifyPool | None = None,
+    extract: Callable[[str], str | None] | None = None,
     **kw,
 ) -> list[float | None]:
     """Binary correctness with math-verify: 1.0 if the completion's answer equals the gold.
 
     The gold is parsed first: a bare gold such as ``x^2 + 1`` as ``\\boxed{x^2 + 1}``, a gold
     with its own ``$``/``\\(``/``\\[``/``\\boxed`` delimiters (a worked solution) as it is; if it
-    yields no mathematical object (``""``, ``\\frac{``) the sample is skipped (None). The
-    prediction is parsed with a ``\\boxed`` answer taking priority and units/``\\text``
-    normalised away, so
-    ``\\boxed{5\\text{ cm}}`` matches gold ``5``. Each check (gold parse + prediction parse +
-    verify) gets ``timeout`` seconds in a worker process; a timeout, a crash or a non-string
-    completion gives 0.0 and is counted in ``stats`` (see the module docstring).
+    yields no mathematical object (``""``, ``\\frac{``) the sample is skipped (None).
+
+    The prediction: with ``extract`` (an ``answers.make_extractor``), its answer is read first
+    and only that is verified (as ``\\boxed{answer}``); a completion with no answer gets 0.0
+    without a check. Without it the whole completion goes to math-verify, a ``\\boxed`` answer
+    taking priority (as in open-r1's accuracy reward) but any last expression counting too.
+    Units/``\\text`` are normalised away, so ``\\boxed{5\\text{ cm}}`` matches gold ``5``. Each
+    check (gold parse + prediction parse + verify) gets ``timeout`` seconds in a worker process;
+    a timeout, a crash or a non-string completion gives 0.0 and is counted in ``stats`` (see
+    the module docstring).
     """
     n = _check_lengths(prompts, completions, answers)
-    stats = _stats(kw)
+    sinks = _sinks(kw, n)
     rewards: list[float | None] = [0.0] * n
     pairs, where = [], []
     for i, (c, a) in enumerate(zip(completions, answers)):
@@ -276,39 +238,33 @@ def math_verify_reward(
             a = str(a)
         if not isinstance(a, str) or not a.strip():
             rewards[i] = None
-            stats.add("skipped")
+            sinks[i].add("skipped")
         elif not isinstance(c, str):
-            stats.add("errors")
-        else:
+            sinks[i].add("errors")
+        elif extract is None:
             pairs.append((a, c))
             where.append(i)
+        else:
+            pred = extract(c)
+            if pred is not None:
+                pairs.append((a, "\\boxed{" + pred + "}"))
+                where.append(i)
     for i, (status, value) in zip(where, (pool or verifier.default_verify_pool()).check(pairs, timeout)):
         if status == "ok":
             rewards[i] = value
         elif status == "skip":
             rewards[i] = None
-            stats.add("skipped")
+            sinks[i].add("skipped")
         else:
-            stats.add("errors")
+            sinks[i].add("errors")
             if status == "timeout":
-                stats.add("timeouts")
+                sinks[i].add("timeouts")
                 logger.warning("math-verify check %d timed out after %.1f s (reward 0)", i, timeout)
-    stats.add("samples", n)
+    _count(sinks, "samples")
     return rewards
 
 
 # --- reasoning-gym task scorers -------------------------------------------------------------
-
-_ANSWER_TAG_RE = re.compile(r"<answer>\s?(.*?)\s?</answer>", re.DOTALL)
-
-
-def extract_answer(completion: str) -> str | None:
-    """The last ``<answer>...</answer>`` (reasoning-gym's convention), else the last box."""
-    if not isinstance(completion, str):
-        return None
-    tags = _ANSWER_TAG_RE.findall(completion)
-    return tags[-1].strip() if tags else extract_boxed(completion)
-
 
 def reasoning_gym_reward(
     dataset_name: str, extract: Callable[[str], str | None] = extract_answer
@@ -336,7 +292,7 @@ def reasoning_gym_reward(
             raise ValueError(
                 f"entries has {len(entries)} items for {n} completions; pass one per completion"
             )
-        stats = _stats(kw)
+        sinks = _sinks(kw, n)
         out: list[float | None] = []
         for i, (c, gold) in enumerate(zip(completions, answers)):
             pred = extract(c)
@@ -347,9 +303,9 @@ def reasoning_gym_reward(
             try:
                 out.append(float(score_answer(pred, entry)))
             except Exception:  # noqa: BLE001 - a scorer bug on one sample must not stop the run
-                stats.add("errors")
+                sinks[i].add("errors")
                 out.append(0.0)
-        stats.add("samples", n)
+        _count(sinks, "samples")
         return out
 
     reward.__name__ = f"reasoning_gym_{dataset_name}"
@@ -393,3 +349,24 @@ def combine(*weighted_fns) -> RewardFn:
 
     combined.__name__ = "combined_reward"
     return combined
+
+
+# --- study A's reward -----------------------------------------------------------------------
+
+def study_reward(problems, completions, correct, lengths, weights) -> dict[str, list[float]]:
+    """The weighted parts of study A's reward per sample: ``correct`` (correct_weight x the
+    task's 1/0), ``format`` (format_weight x :func:`boxed_format_reward`) and ``length``
+    (:func:`length_penalty` with coef length_weight over the last length_buffer tokens before
+    max_new_tokens). ``weights`` is anything with those fields (a ``TrainConfig``); a part whose
+    weight is 0 is all zeros. The reward is the sum of the parts.
+    """
+    prompts, golds = [p["prompt"] for p in problems], [p["answer"] for p in problems]
+    n = _check_lengths(prompts, completions, golds)
+    parts = {"correct": [weights.correct_weight * float(c) for c in correct], "format": [0.0] * n,
+             "length": [0.0] * n}
+    if weights.format_weight:
+        parts["format"] = [weights.format_weight * f for f in boxed_format_reward(prompts, completions, golds)]
+    if weights.length_weight:
+        pen = length_penalty(weights.max_new_tokens, buffer=weights.length_buffer or None, coef=weights.length_weight)
+        parts["length"] = pen(prompts, completions, golds, completion_lengths=list(lengths))
+    return parts

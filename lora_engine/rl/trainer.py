@@ -41,8 +41,10 @@ from lora_engine.engine.peft_format import load_adapter_weights, save_adapter
 from lora_engine.rl.metrics import print_summary
 from lora_engine.rl.ppo_step import PPOStep
 from lora_engine.rl.rollout import Rollouts, generate
+from lora_engine.rl.metrics import RewardLog, format_ok
+from lora_engine.rl.rewards import RewardStats, study_reward
 from lora_engine.rl.runinfo import run_info
-from lora_engine.rl.tasks import load_task
+from lora_engine.rl.tasks import score_problems, stop_ids, task_from_config
 from lora_engine.rl.token_rewards import TokenRewards, advantage_std
 
 
@@ -54,7 +56,7 @@ class GRPOTrainer:
         self.tokenizer = tokenizer
         self.engine = MultiLoRAModel(model, list(cfg.adapters), target_modules=cfg.target_modules)
         self.ids = self.engine.adapter_ids
-        self.task = task if task is not None else load_task(cfg.task, seed=cfg.data_seed)
+        self.task = task if task is not None else task_from_config(cfg)
         self.token_rewards = TokenRewards(cfg, tokenizer, next(model.parameters()).device)
         self.optimizers = {a: self._make_optimizer(a) for a in self.ids}
         self.ranks = RankAllocator(self.engine.bank, cfg.steps)  # AdaLoRA's budget (a no-op without)
@@ -88,10 +90,10 @@ class GRPOTrainer:
                     adapter_of.append(a)
                     prompt_of.append(j)
         prompt_ids = [self.task.encode_prompt(self.tokenizer, p) for p in problems]
-        ro = generate(self.engine, prompt_ids, adapter_of, eos_id=self.tokenizer.eos_token_id,
+        ro = generate(self.engine, prompt_ids, adapter_of, eos_id=stop_ids(self.task, self.tokenizer),
                       pad_id=self.tokenizer.pad_token_id, max_new_tokens=cfg.max_new_tokens,
                       temperature=cfg.temperature, top_p=cfg.top_p,
-                      seeds={a: self._seed(a, step, 1) for a in self.ids})
+                      seeds={a: self._seed(a, step, 1) for a in self.ids}, max_batch=cfg.rollout_batch_size)
         return problems, prompt_of, ro
 
     def decode(self, ro: Rollouts) -> list[str]:
@@ -103,20 +105,14 @@ class GRPOTrainer:
 
     # -- 2. rewards and 3. advantages ---------------------------------------------------
     def rewards(self, problems, ro: Rollouts):
-        texts = self.decode(ro)
-        correct = self.task.score(problems, texts)
-        total = list(correct)
-        lengths = ro.completion_mask.sum(-1).tolist()
-        if self.cfg.format_weight:
-            from lora_engine.rl.rewards import boxed_format_reward
-            fmt = boxed_format_reward([p["prompt"] for p in problems], texts, [p["answer"] for p in problems])
-            total = [t + self.cfg.format_weight * f for t, f in zip(total, fmt)]
-        if self.cfg.length_weight:
-            from lora_engine.rl.rewards import length_penalty
-            pen = length_penalty(self.cfg.max_new_tokens, coef=self.cfg.length_weight)(
-                [p["prompt"] for p in problems], texts, [p["answer"] for p in problems], completion_lengths=lengths)
-            total = [t + x for t, x in zip(total, pen)]
-        return torch.tensor(total, dtype=torch.float32), torch.tensor(correct, dtype=torch.float32)
+        """(total [B], correctness [B]): study A's reward (``rewards.study_reward``); its parts, the
+        format rate and the verifier's counts per adapter go to the step's log (``metrics.RewardLog``)."""
+        texts, owners = self.decode(ro), ro.adapter_ids.tolist()
+        stats = {a: RewardStats() for a in set(owners)}
+        correct = score_problems(self.task, problems, texts, [stats[a] for a in owners])
+        parts = study_reward(problems, texts, correct, ro.completion_mask.sum(-1).tolist(), self.cfg)
+        self.reward_log = RewardLog(parts, texts, stats)
+        return self.reward_log.total, torch.tensor(correct, dtype=torch.float32)
 
     # -- 4. log-probs from hidden states (fused: no [T, V] logits on the GPU path) -------
     def token_logprobs(self, ro: Rollouts, adapter_ids, entropy=False):
@@ -251,12 +247,15 @@ class GRPOTrainer:
                 "adv_std": advantage_std(adv, ro.completion_mask, ids, A), "kl": metrics["kl_mean"].detach().cpu(),
                 "clip_frac": metrics["clip_frac"].detach().cpu(), "entropy": ent, "response_len": total(clen) / n,
                 "truncated_frac": total(ro.truncated.float()) / n, "kept_frac": total(keep.float()) / n}
+        log = getattr(self, "reward_log", None)  # study A's parts, format rate, verifier counts
+        cols.update(log.columns(ids, A) if log else {})
         cols, out = {k: v.tolist() for k, v in cols.items()}, {}
         for a in self.ids:
             self.tokens[a] += tok[a]
             out[a] = {"step": step, "adapter": a, "rank": self.engine.adapter_spec(a).rank,
                       **{k: float(v[a]) for k, v in cols.items()}, "grad_norm": grad_norms[a],
-                      "skipped": a in skipped, "tokens_step": tok[a], "tokens_total": self.tokens[a], "wall_s": wall}
+                      "skipped": a in skipped, "tokens_step": tok[a], "tokens_total": self.tokens[a], "wall_s": wall,
+                      **(log.counts(a) if log else {})}
         return out
 
     # -- evaluation ---------------------------------------------------------------------
@@ -275,19 +274,22 @@ class GRPOTrainer:
             rows = [p for a in adapters for p in problems for _ in range(n)]
             owner = [a for a in adapters for _ in problems for _ in range(n)]
             prompt_ids = [self.task.encode_prompt(self.tokenizer, p) for p in rows]
-            ro = generate(self.engine, prompt_ids, owner, eos_id=self.tokenizer.eos_token_id,
+            ro = generate(self.engine, prompt_ids, owner, eos_id=stop_ids(self.task, self.tokenizer),
                           pad_id=self.tokenizer.pad_token_id, max_new_tokens=self.cfg.max_new_tokens,
                           greedy=mode == "greedy", temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                          seeds={a: self._seed(a, 0, 3) if a >= 0 else 10**9 for a in adapters})
+                          seeds={a: self._seed(a, 0, 3) if a >= 0 else 10**9 for a in adapters},
+                          max_batch=self.cfg.rollout_batch_size)
             texts = self.decode(ro)
             scores = torch.tensor(self.task.score(rows, texts)).view(len(adapters), len(problems), n)
             if mode == "greedy":
                 _, ent = self.token_logprobs(ro, ro.adapter_ids, entropy=True)
                 m = ro.completion_mask.float()
                 ent_row = ((ent * m).sum(-1) / m.sum(-1).clamp_min(1)).cpu().view(len(adapters), -1)
+                boxed = format_ok(texts).view(len(adapters), -1)
                 for i, a in enumerate(adapters):
                     res[a]["pass@1"] = float(scores[i].mean())
                     res[a]["entropy"] = float(ent_row[i].mean())
+                    res[a]["format_rate"] = float(boxed[i].mean())
             else:
                 from lora_engine.rl.metrics import pass_at_k
                 for i, a in enumerate(adapters):
@@ -312,7 +314,8 @@ class GRPOTrainer:
     # Fields a resumed run may change (extend steps, evaluate more often...); any other change
     # means the checkpoint belongs to a different experiment.
     RESUME_MAY_CHANGE = ("steps", "progress", "resume", "eval_every", "eval_problems", "eval_samples",
-                         "checkpoint_every", "output_dir", "device", "micro_batch_size")
+                         "checkpoint_every", "output_dir", "device", "micro_batch_size",
+                         "rollout_batch_size")
 
     def _resume_key(self) -> dict:
         d = self.cfg.to_dict()

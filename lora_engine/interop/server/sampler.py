@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lora_engine.rl.rollout import left_pad
+from lora_engine.rl.rollout import cache_kwarg, inverse_cdf, left_pad
 
 TOPK_UNDEFINED = -99999.0  # the SDK's filler for prompt positions with no distribution (position 0)
 
@@ -85,17 +85,17 @@ def decode(engine, requests: list[Request], *, pad_id: int, detokenize=None) -> 
     cache, cur_ids, full_mask = DynamicCache(), input_ids, mask
     cur_pos = (mask.cumsum(-1) - 1).clamp_min(0)
     adapters = torch.tensor([r.adapter_id for r, _ in rows], dtype=torch.long)
+    cache_arg = cache_kwarg(engine.model)  # cache= on transformers >= 5.24, past_key_values= before
     with engine.use_adapters(adapters):
         for t in range(steps):
             out = engine.model(input_ids=cur_ids, attention_mask=full_mask, position_ids=cur_pos,
-                               past_key_values=cache, use_cache=True, logits_to_keep=1)
+                               use_cache=True, logits_to_keep=1, **{cache_arg: cache})
             logits = out.logits[:, -1, :].float()
             scaled = logits / torch.where(greedy, torch.ones_like(temp), temp)[:, None]
             logp_all = torch.log_softmax(scaled, -1)
             probs = torch.softmax(_filter(scaled, top_k, top_p), -1)
             u = torch.cat([torch.rand(r.n, generator=r.generator) for r in requests]).to(device)
-            cdf = probs.cumsum(-1)
-            drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_max(cdf.shape[-1] - 1).squeeze(-1)
+            drawn = inverse_cdf(probs, u)  # searchsorted's answer, never a zero-probability token
             tok = torch.where(greedy, logits.argmax(-1), drawn)
             live = ~done
             out_tok[:, t] = torch.where(live, tok, torch.full_like(tok, pad_id))

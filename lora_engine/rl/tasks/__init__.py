@@ -1,92 +1,57 @@
 """Tasks the trainer can run: where prompts come from and how a completion is scored.
 
-A task gives ``sample_train(n, generator)``, ``eval_set(n)``, ``encode_prompt(tokenizer,
-problem)`` and ``score(problems, completions) -> list[float]`` (1.0 correct, 0.0 not).
-Problems are dicts with at least ``prompt`` and ``answer``.
+- ``"tiny"``: the embedded arithmetic default (``tasks.tiny``);
+- ``"reasoning_gym:<dataset>"``: a procedural reasoning-gym dataset with its settings from
+  ``task_options`` (``tasks.reasoning_gym``);
+- ``"math:<path>"``: a local math dataset (GSM8K/MATH-style JSONL, JSON, parquet, CSV or a
+  ``save_to_disk`` folder; ``tasks.math``).
+
+The protocol (``sample_train``, ``eval_set``, ``encode_prompt``, ``score``) is in ``tasks.base``;
+prompts (system prompt, instruction, chat template, few-shot, thinking) in ``rl.prompts``;
+scoring (math-verify in the sandboxed pool by default) in ``tasks.scoring``.
 """
 from __future__ import annotations
 
-import torch
+from lora_engine.rl.prompts import PromptFormat
+from lora_engine.rl.tasks.base import DataTask, score_problems, stop_ids
+from lora_engine.rl.tasks.math import MathTask, load_eval_problems
+from lora_engine.rl.tasks.reasoning_gym import ReasoningGymTask
+from lora_engine.rl.tasks.scoring import DEFAULT_EXTRACTORS, SCORERS, AnswerScorer
+from lora_engine.rl.tasks.tiny import TinyArithmeticTask
+
+__all__ = ["AnswerScorer", "DataTask", "MathTask", "PromptFormat", "ReasoningGymTask", "TinyArithmeticTask",
+           "load_task", "score_problems", "stop_ids", "task_from_config"]
 
 
-class TinyArithmeticTask:
-    """The embedded default: two-term additions from reasoning-gym's basic_arithmetic (``lora_engine.rl.tasks.tiny``)."""
-
-    def __init__(self, seed: int = 0, pool: int = 20000):
-        from lora_engine.rl.tasks import tiny as tiny_task
-
-        self._tt = tiny_task
-        self.seed = seed
-        self.train = tiny_task.make_problems(pool, seed=seed, split="train")
-        self._eval: list[dict] | None = None
-
-    def sample_train(self, n: int, generator: torch.Generator) -> list[dict]:
-        idx = torch.randint(0, len(self.train), (n,), generator=generator).tolist()
-        return [self.train[i] for i in idx]
-
-    def eval_set(self, n: int) -> list[dict]:
-        if self._eval is None or len(self._eval) < n:
-            self._eval = self._tt.make_problems(n, seed=self.seed, split="eval")
-        return self._eval[:n]
-
-    def encode_prompt(self, tokenizer, problem: dict) -> list[int]:
-        return tokenizer(problem["prompt"], add_special_tokens=False)["input_ids"]
-
-    def score(self, problems: list[dict], completions: list[str]) -> list[float]:
-        return [float(self._tt.score(c, p)) for c, p in zip(completions, problems)]
-
-
-class ReasoningGymTask:
-    """Any reasoning-gym dataset: its question as the prompt, its own scorer on the answer.
-
-    The completion's answer is read from ``<answer>...</answer>`` or the last ``\\boxed{}``.
-    """
-
-    def __init__(self, name: str, seed: int = 0, size: int = 20000):
-        try:
-            import reasoning_gym
-        except ImportError as e:
-            raise ValueError("task 'reasoning_gym:...' needs reasoning-gym: pip install 'lora-engine[rl]'") from e
-        self.name = name
-        self.train = list(reasoning_gym.create_dataset(name, seed=seed, size=size))
-        self._eval_data = list(reasoning_gym.create_dataset(name, seed=seed + 10**9, size=min(2000, size)))
-        self._scorer = reasoning_gym.get_score_answer_fn(name)
-
-    @staticmethod
-    def _problem(entry) -> dict:
-        return {"prompt": entry["question"], "answer": str(entry["answer"]), "entry": entry}
-
-    def sample_train(self, n, generator):
-        idx = torch.randint(0, len(self.train), (n,), generator=generator).tolist()
-        return [self._problem(self.train[i]) for i in idx]
-
-    def eval_set(self, n):
-        return [self._problem(e) for e in self._eval_data[:n]]
-
-    def encode_prompt(self, tokenizer, problem):
-        if getattr(tokenizer, "chat_template", None):
-            # Render to text, then tokenize: apply_chat_template(tokenize=True) returns a dict in
-            # transformers 5 and a list in 4.x; the rendered text already holds BOS if any.
-            text = tokenizer.apply_chat_template([{"role": "user", "content": problem["prompt"]}],
-                                                 add_generation_prompt=True, tokenize=False)
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
-        return tokenizer(problem["prompt"], add_special_tokens=True)["input_ids"]
-
-    def score(self, problems, completions):
-        from lora_engine.rl.rewards import extract_answer
-
-        out = []
-        for p, c in zip(problems, completions):
-            ans = extract_answer(c)
-            out.append(float(self._scorer(ans, p["entry"])) if ans is not None else 0.0)
-        return out
-
-
-def load_task(name: str, seed: int = 0):
-    """``"tiny"`` or ``"reasoning_gym:<dataset name>"``."""
+def load_task(name: str, seed: int = 0, options: dict | None = None, *, prompt: PromptFormat | None = None,
+              scorer: str = "auto", extractors=DEFAULT_EXTRACTORS, verify_timeout: float = 5.0,
+              few_shot: int = 0, eval_data: str = ""):
+    """The task called ``name``: ``"tiny"``, ``"reasoning_gym:<dataset>"`` or ``"math:<path>"``."""
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
     if name == "tiny":
+        if options or few_shot or eval_data or scorer != "auto" or (prompt is not None and prompt != PromptFormat()):
+            raise ValueError("task \"tiny\" has its own prompts, data and scorer: leave task_options, prompt, "
+                             "few-shot, eval_data and scorer at their defaults, or use a reasoning_gym:/math: task")
         return TinyArithmeticTask(seed=seed)
-    if name.startswith("reasoning_gym:"):
-        return ReasoningGymTask(name.split(":", 1)[1], seed=seed)
-    raise ValueError(f"unknown task {name!r}: use 'tiny' or 'reasoning_gym:<dataset>' "
-                     "(e.g. reasoning_gym:basic_arithmetic)")
+    kind, _, arg = name.partition(":")
+    if kind not in ("reasoning_gym", "math") or not arg:
+        raise ValueError(f"unknown task {name!r}: use 'tiny', 'reasoning_gym:<dataset>' (e.g. "
+                         "reasoning_gym:basic_arithmetic) or 'math:<path to a local data file or folder>'")
+    check = AnswerScorer("math_verify" if scorer == "auto" else scorer, extractors, verify_timeout,
+                         dataset=arg if kind == "reasoning_gym" else None)
+    common = dict(prompt=prompt, scorer=check, few_shot=few_shot)
+    if kind == "reasoning_gym":
+        held = load_eval_problems(eval_data, {}) if eval_data else None
+        return ReasoningGymTask(arg, seed=seed, options=options, eval_problems=held, **common)
+    return MathTask(arg, seed=seed, options=options, eval_data=eval_data, **common)
+
+
+def task_from_config(cfg):
+    """The task a ``TrainConfig`` describes (its task, data, prompt and scoring fields)."""
+    prompt = PromptFormat(system_prompt=cfg.system_prompt, instruction=cfg.instruction,
+                          chat_template=cfg.chat_template, enable_thinking=cfg.enable_thinking,
+                          few_shot=cfg.few_shot_examples)
+    return load_task(cfg.task, seed=cfg.data_seed, options=dict(cfg.task_options), prompt=prompt,
+                     scorer=cfg.scorer, extractors=cfg.answer_extractors, verify_timeout=cfg.verify_timeout,
+                     few_shot=cfg.few_shot, eval_data=cfg.eval_data)

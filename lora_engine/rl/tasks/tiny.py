@@ -28,6 +28,8 @@ import re
 from functools import lru_cache
 from typing import Any
 
+import torch
+
 from lora_engine.rl.rewards import extract_boxed  # noqa: F401  (re-exported: part of this module's API)
 
 DATASET = "basic_arithmetic"
@@ -159,3 +161,27 @@ def score(completion: str, entry_or_answer: dict | str) -> float:
     if answer is None:
         return 0.0
     return 1.0 if _score_fn()(answer.strip(), entry) >= 1.0 else 0.0
+
+
+class TinyArithmeticTask:
+    """The embedded default as a task: compact prompts, no chat template, this module's ``score``."""
+
+    def __init__(self, seed: int = 0, pool: int = 20000):
+        self.seed = seed
+        self.train = make_problems(pool, seed=seed, split="train")
+        self._eval: list[dict] | None = None
+
+    def sample_train(self, n: int, generator) -> list[dict]:
+        idx = torch.randint(0, len(self.train), (n,), generator=generator).tolist()
+        return [self.train[i] for i in idx]
+
+    def eval_set(self, n: int) -> list[dict]:
+        if self._eval is None or len(self._eval) < n:
+            self._eval = make_problems(n, seed=self.seed, split="eval")
+        return self._eval[:n]
+
+    def encode_prompt(self, tokenizer, problem: dict) -> list[int]:
+        return tokenizer(problem["prompt"], add_special_tokens=False)["input_ids"]
+
+    def score(self, problems: list[dict], completions: list[str], stats=None) -> list[float]:
+        return [float(score(c, p)) for c, p in zip(completions, problems)]
