@@ -15,6 +15,7 @@ and ``latest_checkpoint`` finds it there).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -72,3 +73,17 @@ def latest_checkpoint(out) -> Path | None:
     if not ckpt.exists() and (root / f".old_{ckpt.name}").exists():
         ckpt = root / f".old_{ckpt.name}"  # a crash between the two renames of a re-save
     return ckpt
+
+
+def start_log(out: Path, resumed: bool, step: int) -> tuple[Path, Path]:
+    """(log.jsonl, summary.json) of run directory ``out``: a fresh run in a used directory starts
+    both over; a resumed one drops the log rows of steps after its checkpoint (redone, so each
+    step is logged once)."""
+    log_path, summary_path = out / "log.jsonl", out / "summary.json"
+    if not resumed:
+        log_path.unlink(missing_ok=True)
+        summary_path.unlink(missing_ok=True)
+    elif log_path.exists():
+        kept = [l for l in log_path.read_text().splitlines() if json.loads(l)["step"] < step]
+        log_path.write_text("".join(l + "\n" for l in kept))
+    return log_path, summary_path

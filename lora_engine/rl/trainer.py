@@ -355,16 +355,7 @@ class GRPOTrainer:
         save_config(cfg, self.out / "config.json")
         (self.out / "run.json").write_text(json.dumps(run_info(), indent=2))
         resumed = cfg.resume and self.load_checkpoint()
-        log_path = self.out / "log.jsonl"
-        if not resumed:
-            # A fresh run in a used directory: start its log and summary over.
-            log_path.unlink(missing_ok=True)
-            (self.out / "summary.json").unlink(missing_ok=True)
-        if resumed and log_path.exists():
-            # Steps after the checkpoint are redone: drop their rows so each step is logged once.
-            kept = [l for l in log_path.read_text().splitlines() if json.loads(l)["step"] < self.step_idx]
-            log_path.write_text("".join(l + "\n" for l in kept))
-        summary_path = self.out / "summary.json"
+        log_path, summary_path = checkpoints.start_log(self.out, resumed, self.step_idx)
         summary = json.loads(summary_path.read_text()) if resumed and summary_path.exists() else {}
         if "base" not in summary:
             ev = self.evaluate([-1] + list(self.ids), samples=cfg.eval_samples)
