@@ -242,6 +242,12 @@ def test_critic_metrics_are_verls_definitions_per_adapter(tmp_path):
     pytest.param({"algorithm": "ppo", "kl_estimator": "k9"}, "kl_estimator must be", id="kl_estimator"),
     pytest.param({"algorithm": "ppo", "drop_zero_variance": True}, "drop_zero_variance", id="drop-groups"),
     pytest.param({"algorithm": "ppo", "critic_lr": "fast"}, "critic_lr must be a number", id="type"),
+    pytest.param({"algorithm": "ppo", "steps": 5, "critic_warmup_steps": 5}, "never be updated", id="warmup-all"),
+    pytest.param({"gamma": 2.0}, "gamma must be in", id="ppo-field-under-grpo"),
+    pytest.param({"algorithm": "ppo", "adapters": [{"rank": 2, "method": "adalora"}]}, "AdaLoRA's rank budget",
+                 id="adalora-ppo"),
+    pytest.param({"inner_updates": 2, "adapters": [{"rank": 2, "method": "adalora"}]}, "AdaLoRA's rank budget",
+                 id="adalora-inner-updates"),
 ])
 def test_ppo_config_errors(data, match):
     with pytest.raises(ValueError, match=match):

@@ -190,9 +190,12 @@ class TrainConfig:
                              f"got {self.length_buffer}")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
-        if self.algorithm == "ppo":
-            _check_ppo(self)
-        elif self.samples_per_prompt < 2:
+        _check_ppo(self)  # PPO's fields, checked whatever the algorithm (a typo shows before a switch to PPO)
+        if any(spec.method == "adalora" for spec in self.adapters) and (self.algorithm == "ppo"
+                                                                        or self.inner_updates > 1):
+            raise ValueError("AdaLoRA's rank budget counts one optimiser step per trainer step: use it with "
+                             "algorithm = \"grpo\" and inner_updates = 1, or another method")
+        if self.algorithm != "ppo" and self.samples_per_prompt < 2:
             raise ValueError("samples_per_prompt must be >= 2: group-normalised advantages need a group")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -235,12 +238,15 @@ ALGORITHMS = ("grpo", "ppo")
 
 
 def _check_ppo(cfg: TrainConfig) -> None:
-    if cfg.loss_type in SEQUENCE_ADVANTAGE_ONLY:  # PPO's GAE advantages are per token
+    if cfg.algorithm == "ppo" and cfg.loss_type in SEQUENCE_ADVANTAGE_ONLY:  # PPO's GAE advantages are per token
         raise ValueError(f"loss_type {cfg.loss_type!r} weighs each sequence by one factor and needs one advantage "
                          "per sequence, but algorithm = \"ppo\" gives one per token: use another loss_type "
                          "(e.g. \"dapo\") or algorithm = \"grpo\"")
-    if cfg.drop_zero_variance:
+    if cfg.algorithm == "ppo" and cfg.drop_zero_variance:
         raise ValueError("drop_zero_variance is for GRPO's groups: set drop_zero_variance = false with algorithm = \"ppo\"")
+    if cfg.algorithm == "ppo" and cfg.critic_warmup_steps >= cfg.steps:
+        raise ValueError(f"critic_warmup_steps ({cfg.critic_warmup_steps}) must be < steps ({cfg.steps}): "
+                         "the policies would never be updated")
     for name in ("critic_rank", "critic_warmup_steps"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be an int >= 0, got {getattr(cfg, name)}")
