@@ -51,12 +51,12 @@ from lora_engine.rl.token_rewards import TokenRewards, advantage_std
 class GRPOTrainer:
     def __init__(self, cfg: TrainConfig, model=None, tokenizer=None, task=None):
         self.cfg = cfg
+        self.task = task if task is not None else task_from_config(cfg)  # a bad task errs before the model loads
         if model is None:
             model, tokenizer = load_base(cfg.model, cfg.dtype, cfg.device, progress=cfg.progress)
         self.tokenizer = tokenizer
         self.engine = MultiLoRAModel(model, list(cfg.adapters), target_modules=cfg.target_modules)
         self.ids = self.engine.adapter_ids
-        self.task = task if task is not None else task_from_config(cfg)
         self.token_rewards = TokenRewards(cfg, tokenizer, next(model.parameters()).device)
         self.optimizers = {a: self._make_optimizer(a) for a in self.ids}
         self.ranks = RankAllocator(self.engine.bank, cfg.steps)  # AdaLoRA's budget (a no-op without)
