@@ -67,13 +67,10 @@ class RoutingState:
         return per[key][:3]
 
 
-class MultiLoRALinear(nn.Module):
-    """Frozen base linear; with an active routing, adds each sequence's own adapter update.
+class _FrozenWrapper(nn.Module):
+    """A frozen base module named ``name`` in the engine's bank, seen through as ``weight``/``bias``."""
 
-    Outside an engine call (no routing set) it is exactly the base layer.
-    """
-
-    def __init__(self, base: nn.Linear, name: str, bank, state: RoutingState):
+    def __init__(self, base: nn.Module, name: str, bank, state: RoutingState):
         super().__init__()
         self.base = base
         self.name = name
@@ -89,7 +86,14 @@ class MultiLoRALinear(nn.Module):
 
     @property
     def bias(self):
-        return self.base.bias
+        return getattr(self.base, "bias", None)
+
+
+class MultiLoRALinear(_FrozenWrapper):
+    """Frozen base linear; with an active routing, adds each sequence's own adapter update.
+
+    Outside an engine call (no routing set) it is exactly the base layer.
+    """
 
     @property
     def in_features(self):
@@ -160,7 +164,7 @@ class MultiLoRALinear(nn.Module):
         return f"name={self.name}, in={self.in_features}, out={self.out_features}"
 
 
-class MultiNorm(nn.Module):
+class MultiNorm(_FrozenWrapper):
     """Frozen norm module; the rows of LayerNorm-tuning adapters get the adapter's own weight
     and bias: out = n(x) * w_a + b_a, with n(x) the base norm at unit weight and zero bias (one
     more call of it, only when such an adapter is routed), every other row the base output.
@@ -168,23 +172,6 @@ class MultiNorm(nn.Module):
     Holds for norms computing ``n(x) * weight (+ bias)`` (nn.LayerNorm, nn.RMSNorm, the HF
     RMSNorms of Llama/Qwen); ``check_affine`` refuses others (Gemma's ``(1 + weight)``).
     """
-
-    def __init__(self, base: nn.Module, name: str, bank, state: RoutingState):
-        super().__init__()
-        self.base = base
-        self.name = name
-        object.__setattr__(self, "bank", bank)
-        object.__setattr__(self, "state", state)
-        for p in self.base.parameters():
-            p.requires_grad_(False)
-
-    @property
-    def weight(self):
-        return self.base.weight
-
-    @property
-    def bias(self):
-        return getattr(self.base, "bias", None)
 
     def _unit(self, x):
         """The base norm at weight 1 and bias 0 (a functional call: the module is not changed)."""
